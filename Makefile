@@ -1,0 +1,30 @@
+# lgemma: every target creates or reuses .venv and installs the pinned requirements first.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup train test clean-runs help
+
+help:
+	@echo "make train   data, stage 0, stage 1, stage 2 and eval of the default tiny variants (with and without stage 1)"
+	@echo "make test    the test suite (unit, end-to-end training in fast mode)"
+	@echo "make setup   only create .venv and install the pinned dependencies"
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	@touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/lgemma train tiny tiny-noalign
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean-runs:
+	rm -rf runs runs-fast data/generated

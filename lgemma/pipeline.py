@@ -1,0 +1,233 @@
+"""The whole recipe, cached step by step: data -> stage 0 -> stage 1 -> stage 2 -> eval.
+
+Each step writes its output once and is skipped when the output exists, so notebooks, the
+CLI and the demo all call `train_variant(cfg)` ("load if cached, else train").
+
+    runs/stage0/vision-<name>-<hash>/   tiny CLIP (stage 0), shared by every variant using it
+    runs/stage0/lm-<name>-<hash>/       tiny Gemma + tokenizer (stage 0)
+    runs/<variant>/align/               stage 1: connector weights, CSV logs, resume checkpoint
+    runs/<variant>/instruct/            stage 2: connector + LM weights, logs, checkpoint
+    runs/<variant>/config.yaml, model.safetensors, metrics.json
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from .config import Config, load_config
+from .data.collate import LlavaDataset
+from .data.llava_json import load_image, load_records
+from .language import IMAGE_TOKEN, TINY_LMS, load_language_model
+from .model import LlavaGemma
+from .vision import TINY_TOWERS, build_vision_tower
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------- fast mode
+def fast_mode() -> bool:
+    """`LGEMMA_FAST=1`: tiny data and few steps, for tests and quick looks (results are poor)."""
+    return os.environ.get("LGEMMA_FAST", "") not in ("", "0")
+
+
+def apply_fast(cfg: Config) -> Config:
+    d, t = cfg.data, cfg.train
+    d.n_train, d.n_heldout, d.n_compositional = 400, 40, 40
+    d.root = d.root.rstrip("/") + "-fast"
+    t.stage0.clip_steps, t.stage0.lm_steps, t.stage0.clip_batch_size = 20, 20, 64
+    t.align.steps, t.instruct.steps = 10, 20
+    t.align.batch_size = t.instruct.batch_size = 16
+    cfg.runs_dir = cfg.runs_dir.rstrip("/") + "-fast"
+    return cfg
+
+
+def get_config(name_or_path: str, overrides: list[str] = ()) -> Config:
+    """Preset or YAML, then `key.sub=value` overrides, then fast mode if `LGEMMA_FAST=1`."""
+    import yaml
+    cfg = load_config(name_or_path)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if not _:
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.instruct.steps=400")
+        *path, last = key.split(".")
+        node = cfg
+        for p in path:
+            node = getattr(node, p)
+        if not hasattr(node, last):
+            raise ValueError(f"override {item!r}: {type(node).__name__} has no field {last!r}")
+        setattr(node, last, yaml.safe_load(value))
+    return apply_fast(cfg) if fast_mode() else cfg
+
+
+# ---------------------------------------------------------------- data
+def ensure_data(cfg: Config, progress: bool = True) -> Path:
+    """Generate ShapesWorld into `cfg.data.root` unless it is there; check LLaVA files exist."""
+    root = Path(cfg.data.root)
+    if cfg.data.kind == "llava":
+        for f in [cfg.data.caption_file, cfg.data.instruct_file, *cfg.data.eval_files.values()]:
+            if f and not (root / f).exists():
+                raise FileNotFoundError(f"{root / f} not found: see data/README.md for getting the LLaVA-1.5 files")
+        return root
+    marker = root / "summary.json"
+    if not marker.exists():
+        from .data.shapes import generate
+        d = cfg.data
+        summary = generate(root, seed=d.seed, n_train=d.n_train, n_heldout=d.n_heldout,
+                           n_compositional=d.n_compositional, image_size=d.image_size, progress=progress)
+        marker.write_text(json.dumps(summary, indent=2))
+    return root
+
+
+def records(cfg: Config, which: str) -> list[dict]:
+    """`captions`, `instruct`, or an eval split name, read through the LLaVA loader."""
+    files = {"captions": cfg.data.caption_file, "instruct": cfg.data.instruct_file, **cfg.data.eval_files}
+    if which not in files:
+        raise KeyError(f"unknown record set {which!r}; known: {sorted(files)}")
+    return load_records(Path(cfg.data.root) / files[which])
+
+
+class ImageSource:
+    """record -> pixels [3,S,S] (or, once `cache` ran, the frozen tower's features [N,Dv])."""
+
+    def __init__(self, cfg: Config, tower):
+        self.root = Path(cfg.data.root) / cfg.data.image_folder
+        self.tower, self.features = tower, {}
+
+    def pixels(self, rec: dict) -> torch.Tensor:
+        return self.tower.preprocess(load_image(self.root / rec["image"], f"record {rec.get('id')!r}"))
+
+    def __call__(self, rec: dict) -> torch.Tensor:
+        f = self.features.get(rec["image"])
+        return f if f is not None else self.pixels(rec)
+
+    @torch.no_grad()
+    def cache(self, recs: list[dict], batch_size: int = 256, progress: bool = True) -> None:
+        """Run the frozen tower once over every image of `recs`."""
+        todo = sorted({r["image"]: r for r in recs if "image" in r and r["image"] not in self.features}.items())
+        for i in tqdm(range(0, len(todo), batch_size), desc="vision features", disable=not progress, leave=False):
+            chunk = todo[i:i + batch_size]
+            feats = self.tower(torch.stack([self.pixels(r) for _, r in chunk]))
+            self.features.update({k: f.clone() for (k, _), f in zip(chunk, feats)})
+
+
+# ---------------------------------------------------------------- stage 0
+def _hash(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def stage0_dirs(cfg: Config) -> tuple[Path, Path]:
+    """Folders of the stage-0 vision tower and LM; the hash covers everything they depend on."""
+    d, s0, base = cfg.data, cfg.train.stage0, Path(cfg.runs_dir) / "stage0"
+    data_key = (d.root, d.seed, d.n_train, d.image_size, cfg.train.seed)
+    vision = base / f"vision-{cfg.vision.name}-{_hash(data_key, vars(cfg.vision), s0.clip_steps, s0.clip_batch_size, s0.clip_lr)}"
+    lm = base / f"lm-{cfg.language.name}-{_hash(data_key, vars(cfg.language), s0.lm_steps, s0.lm_batch_size, s0.lm_lr, d.max_length)}"
+    return vision, lm
+
+
+def ensure_stage0(cfg: Config, progress: bool = True) -> tuple[Path | None, Path | None]:
+    """Train the tiny vision tower and/or tiny LM unless cached. Returns (clip weights, LM folder);
+    None for parts that come pretrained from elsewhere."""
+    from . import unimodal
+    ensure_data(cfg, progress)
+    vision_dir, lm_dir = stage0_dirs(cfg)
+    clip_file = vision_dir / "clip.safetensors"
+    if cfg.vision.name in TINY_TOWERS and not clip_file.exists():
+        tower = build_vision_tower(cfg.vision)
+        src = ImageSource(cfg, tower)
+        print(f"stage 0: contrastive pretraining of the {cfg.vision.name} CLIP -> {vision_dir}")
+        info = unimodal.pretrain_vision(cfg, records(cfg, "captions"), src.pixels,
+                                        records(cfg, next(iter(cfg.data.eval_files)))[::4], vision_dir)
+        print(f"stage 0: vision done in {info['seconds']} s, held-out retrieval top-1 {info['heldout_retrieval_top1']}")
+    if cfg.language.name in TINY_LMS and not (lm_dir / "info.json").exists():
+        print(f"stage 0: pretraining the {cfg.language.name} Gemma on ShapesWorld text -> {lm_dir}")
+        info = unimodal.pretrain_language(cfg, records(cfg, "captions"), records(cfg, "instruct"), lm_dir)
+        print(f"stage 0: LM done in {info['seconds']} s ({info['parameters']:,} parameters)")
+    return (clip_file if cfg.vision.name in TINY_TOWERS else None,
+            lm_dir if cfg.language.name in TINY_LMS else None)
+
+
+# ---------------------------------------------------------------- model
+def build_model(cfg: Config, progress: bool = True) -> tuple[LlavaGemma, object]:
+    """Vision tower + fresh connector + LM, from stage-0 outputs or pretrained checkpoints."""
+    clip_file, lm_dir = ensure_stage0(cfg, progress) if (cfg.vision.name in TINY_TOWERS or
+                                                         cfg.language.name in TINY_LMS) else (None, None)
+    tower = build_vision_tower(cfg.vision, clip_file)
+    lm, tokenizer = load_language_model(cfg.language, lm_dir)
+    torch.manual_seed(cfg.train.seed)
+    model = LlavaGemma(tower, lm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), cfg.connector.kind)
+    return model, tokenizer
+
+
+def load_variant(run_dir: str | Path) -> tuple[LlavaGemma, object, Config]:
+    """A trained variant from `runs/<variant>/` (config.yaml + model.safetensors)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "model.safetensors").exists():
+        raise FileNotFoundError(f"{run_dir} holds no trained model (model.safetensors): train it with "
+                                f"`lgemma train {run_dir.name}`")
+    cfg = Config.from_yaml(run_dir / "config.yaml")
+    model, tokenizer = build_model(cfg, progress=False)
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")), strict=False)
+    return model.eval(), tokenizer, cfg
+
+
+# ---------------------------------------------------------------- training
+def train_variant(cfg: Config, progress: bool = True, evaluate: bool = True, trainer_kwargs: dict | None = None) -> dict:
+    """Stage 1 (unless `skip_align`), stage 2, then evaluation; every step cached in `cfg.run_dir`.
+    Returns the metrics (also written to `metrics.json`)."""
+    from .training import train_stage
+    run = cfg.run_dir
+    if (run / "metrics.json").exists() and (run / "model.safetensors").exists():
+        return json.loads((run / "metrics.json").read_text())
+    run.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = build_model(cfg, progress)
+    source = ImageSource(cfg, model.vision)
+    cap, ins = records(cfg, "captions"), records(cfg, "instruct")
+    evals = {k: records(cfg, k) for k in cfg.data.eval_files}
+    if cfg.train.cache_features:
+        source.cache(cap + ins + [r for v in evals.values() for r in v], progress=progress)
+    n = model.num_image_tokens
+    seconds = {}
+    if not cfg.train.skip_align:
+        ds = LlavaDataset(cap, tokenizer, n, source, cfg.data.max_length, "captions")
+        info = train_stage(model, "align", cfg.train.align, ds, run / "align", cfg.train.seed, trainer_kwargs)
+        seconds["align"] = info["seconds"]
+    ds = LlavaDataset(ins, tokenizer, n, source, cfg.data.max_length, "instruct")
+    info = train_stage(model, "instruct", cfg.train.instruct, ds, run / "instruct", cfg.train.seed, trainer_kwargs)
+    seconds["instruct"] = info["seconds"]
+    seconds["total"] = round(sum(seconds.values()), 1)
+    cfg.to_yaml(run / "config.yaml")
+    shutil.copyfile(run / "instruct" / "trained.safetensors", run / "model.safetensors")
+    metrics = {"variant": cfg.name, "train_seconds": seconds,
+               "truncated_samples": info["truncated_samples"]}
+    if evaluate and evals:
+        metrics.update(evaluate_variant(model, tokenizer, cfg, source, evals, progress))
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def evaluate_variant(model, tokenizer, cfg: Config, source=None, evals=None, progress: bool = True) -> dict:
+    """Held-out and compositional scores, seeing and blind, flattened for metrics.json."""
+    from .evaluation import evaluate
+    source = source or ImageSource(cfg, model.vision)
+    evals = evals or {k: records(cfg, k) for k in cfg.data.eval_files}
+    t0 = time.time()
+    res = evaluate(model, tokenizer, evals, source, progress=progress)
+    main = res.get("heldout", next(iter(res.values())))
+    out = {"overall_accuracy": main["seeing"]["overall_accuracy"],
+           "blind_accuracy": main["blind"]["overall_accuracy"],
+           "per_type": main["seeing"]["per_type"], "blind_per_type": main["blind"]["per_type"],
+           "pope": main["seeing"].get("pope", {}),
+           "describe_object_f1": main["seeing"].get("describe_object_f1"),
+           "splits": res, "eval_seconds": round(time.time() - t0, 1)}
+    for split, r in res.items():
+        out[f"{split}_accuracy"] = r["seeing"]["overall_accuracy"]
+        out[f"{split}_blind_accuracy"] = r["blind"]["overall_accuracy"]
+    return out

@@ -1,0 +1,142 @@
+"""LLaVA's two training stages as one LightningModule.
+
+    stage "align"    (LLaVA stage 1): connector trains; vision tower and LM frozen.
+    stage "instruct" (LLaVA stage 2): connector and LM train; vision tower frozen.
+
+What trains is decided by the stage's learning rates (`lr` for the connector, `lm_lr` for
+the LM; 0 means frozen), mapped to optimizer parameter groups. Schedule: linear warmup
+(3%) then cosine, as LLaVA. Lightning gives progress bars, CSV logs, strategies (ddp, fsdp,
+deepspeed), precision and gradient accumulation. Checkpoints we write ourselves hold only
+what was trained, as safetensors, beside the config that rebuilds the rest.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from transformers import get_cosine_schedule_with_warmup
+
+from .config import StageConfig
+from .data.collate import LlavaDataset, collate
+from .model import LlavaGemma
+
+STAGES = ("align", "instruct")
+
+
+
+def quiet_lightning() -> None:
+    """Keep the console for what a learner needs: progress bars and lgemma's own messages."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    for message in (".*module\\(s\\) in eval mode.*",            # the frozen vision tower, on purpose
+                    ".*isinstance\\(treespec, LeafSpec\\).*", ".*does not have many workers.*"):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def set_trainable(model: LlavaGemma, stage: str, cfg: StageConfig) -> None:
+    """Freeze/unfreeze by stage: the vision tower never trains; the LM trains iff lm_lr > 0."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; use one of {STAGES}")
+    model.vision.requires_grad_(False)
+    model.connector.requires_grad_(True)
+    model.lm.requires_grad_(stage == "instruct" and cfg.lm_lr > 0)
+
+
+def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only the parameters that train (what a checkpoint must hold)."""
+    return {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+
+
+class LlavaModule(L.LightningModule):
+    """One training stage of LLaVA-Gemma."""
+
+    def __init__(self, model: LlavaGemma, stage: str, stage_cfg: dict):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model, self.stage, self.cfg = model, stage, StageConfig(**stage_cfg)
+        set_trainable(model, stage, self.cfg)
+        self.strict_loading = False  # our checkpoints hold only the trained weights
+
+    def _shared_step(self, batch: dict, mode: str) -> torch.Tensor:
+        loss, _ = self.model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("images"))
+        self.log(f"{mode}_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._shared_step(batch, "train")
+
+    def configure_optimizers(self):
+        c = self.cfg
+        groups = [{"params": list(self.model.connector.parameters()), "lr": c.connector_lr or c.lr, "name": "connector"}]
+        lm_params = [p for p in self.model.lm.parameters() if p.requires_grad]
+        if lm_params:
+            groups.append({"params": lm_params, "lr": c.lm_lr, "name": "lm"})
+        opt = torch.optim.AdamW(groups, weight_decay=c.weight_decay)
+        sched = get_cosine_schedule_with_warmup(opt, int(c.warmup_ratio * c.steps), c.steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = {f"model.{k}" for k in trained_state(self.model)}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+
+def make_loader(dataset: LlavaDataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0):
+    pad = dataset.tokenizer.pad_token_id
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      collate_fn=lambda b: collate(b, pad), generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=num_workers > 0)
+
+
+def train_stage(model: LlavaGemma, stage: str, stage_cfg: StageConfig, dataset: LlavaDataset, out_dir: str | Path,
+                seed: int = 0, trainer_kwargs: dict | None = None, callbacks=(), checkpoint_every: int = 100) -> dict:
+    """Train one stage; resumable. Writes into `out_dir`:
+    `trained.safetensors` (only trained weights), `logs/` (CSV), `ckpt/last.ckpt` (for resume)
+    and `done.json` (seconds, steps, final loss). A finished stage is loaded, not retrained."""
+    out = Path(out_dir)
+    done = out / "done.json"
+    if done.exists():
+        set_trainable(model, stage, stage_cfg)
+        model.load_state_dict(load_file(str(out / "trained.safetensors")), strict=False)
+        return json.loads(done.read_text())
+    quiet_lightning()
+    L.seed_everything(seed, verbose=False)
+    module = LlavaModule(model, stage, vars(stage_cfg))
+    ckpt_cb = ModelCheckpoint(dirpath=out / "ckpt", save_last=True, save_top_k=0,
+                              every_n_train_steps=checkpoint_every)
+    kwargs = dict(max_steps=stage_cfg.steps, logger=CSVLogger(out, name="logs", version=0),
+                  callbacks=[ckpt_cb, *callbacks], gradient_clip_val=stage_cfg.grad_clip or None,
+                  log_every_n_steps=10, enable_model_summary=False, num_sanity_val_steps=0,
+                  limit_val_batches=0, accelerator="auto", devices=1)
+    kwargs.update(trainer_kwargs or {})
+    trainer = L.Trainer(**kwargs)
+    loader = make_loader(dataset, stage_cfg.batch_size, shuffle=True, seed=seed)
+    last = out / "ckpt" / "last.ckpt"
+    resuming = last.exists()
+    t0 = time.time()
+    trainer.fit(module, loader, ckpt_path=str(last) if resuming else None, weights_only=True)
+    if trainer.global_step < stage_cfg.steps:
+        raise RuntimeError(f"stage {stage} stopped at step {trainer.global_step} of {stage_cfg.steps}; "
+                           f"run again to resume from {last}")
+    info = {"stage": stage, "steps": trainer.global_step, "seconds": round(time.time() - t0, 1),
+            "final_loss": float(trainer.callback_metrics.get("train_loss", float("nan"))),
+            "resumed": resuming, "truncated_samples": len(dataset.truncated)}
+    if trainer.is_global_zero:
+        save_file(trained_state(model), str(out / "trained.safetensors"))
+        done.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def loss_curve(stage_dir: str | Path) -> list[tuple[int, float]]:
+    """(step, train_loss) pairs from a stage's CSV log."""
+    import csv
+    path = Path(stage_dir) / "logs" / "version_0" / "metrics.csv"
+    rows = list(csv.DictReader(path.open())) if path.exists() else []
+    return [(int(r["step"]), float(r["train_loss"])) for r in rows if r.get("train_loss")]

@@ -1,0 +1,57 @@
+"""The vision tower: penultimate-layer patch tokens, grid from the tower, clear offline errors."""
+import pytest
+import torch
+
+from lgemma.config import VisionConfig
+from lgemma.connector import build_connector
+from lgemma.vision import WeightsUnavailable, build_vision_tower
+
+
+def test_tiny_tower_gives_penultimate_patch_tokens():
+    cfg = VisionConfig(width=32, layers=3, heads=2, embed_dim=32)
+    tower = build_vision_tower(cfg)
+    assert tower.grid == (6, 6) and tower.num_patches == 36 and tower.hidden_size == 32
+    x = torch.randn(2, 3, 48, 48)
+    feats = tower(x)
+    assert feats.shape == (2, 36, 32)
+    # reference: run the blocks by hand and stop after the penultimate one, drop CLS
+    enc = tower.encoder
+    h = enc._embeds(x)
+    for blk in enc.transformer.resblocks[:-1]:
+        h = blk(h)
+    assert torch.allclose(feats, h[:, 1:], atol=1e-6)
+    assert not any(p.requires_grad for p in tower.parameters())
+
+
+def test_named_open_clip_model_random_init_grid_from_tower():
+    tower = build_vision_tower(VisionConfig(name="ViT-B-16", pretrained=""))
+    assert tower.grid == (14, 14) and tower.hidden_size == 768 and tower.image_size == 224
+
+
+def test_named_model_offline_gives_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailable, match="ViT-B-16.*Offline"):
+        build_vision_tower(VisionConfig(name="ViT-B-16", pretrained="openai"))
+
+
+def test_unknown_tower_lists_choices():
+    with pytest.raises(KeyError, match="ViT-L-14-336"):
+        build_vision_tower(VisionConfig(name="vit-huge-typo"))
+
+
+def test_preprocess_pads_to_square_and_resizes():
+    from PIL import Image
+    tower = build_vision_tower(VisionConfig(width=32, layers=2, heads=2, embed_dim=32))
+    wide = Image.new("RGB", (100, 50), (255, 0, 0))
+    x = tower.preprocess(wide)
+    assert x.shape == (3, 48, 48)
+    assert not torch.allclose(x[:, 0, 24], x[:, 24, 24])  # top rows are padding, centre is red
+
+
+@pytest.mark.parametrize("kind,n_params", [("linear", 32 * 64 + 64), ("mlp2x_gelu", 32 * 64 + 64 + 64 * 64 + 64)])
+def test_connectors(kind, n_params):
+    c = build_connector(kind, 32, 64)
+    assert c(torch.randn(2, 5, 32)).shape == (2, 5, 64)
+    assert sum(p.numel() for p in c.parameters()) == n_params
+    with pytest.raises(KeyError, match="mlp2x_gelu"):
+        build_connector("mlp3x", 32, 64)
