@@ -1,4 +1,4 @@
-"""`lgemma` command line: data | pretrain-unimodal | train | eval.
+"""`lgemma` command line: data | pretrain-unimodal | train | eval | course.
 
 Every command takes presets (`tiny`, `tiny-noalign`, ...) or YAML files, and `--set
 section.key=value` overrides, e.g.
@@ -85,8 +85,13 @@ def cmd_eval(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["course"]:  # course tooling has its own parser: release | grade | run | strip
+        from .course import main as course_main
+        return course_main(argv[1:])
     parser = argparse.ArgumentParser(prog="lgemma", description="LLaVA-Gemma, small enough to learn from.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("course", help="course tooling: release | grade | run | strip (see `lgemma course --help`)")
     for name, fn, text in [
         ("data", cmd_data, "generate ShapesWorld (captions, instruct and eval sets) for the given configs"),
         ("pretrain-unimodal", cmd_pretrain, "stage 0: train the tiny CLIP and the tiny Gemma (cached)"),

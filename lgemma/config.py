@@ -40,7 +40,7 @@ class VisionConfig:
     stage 0), an open_clip model name such as `ViT-L-14-336`, or `dinov2:<hub id or folder>`."""
     name: str = "tiny"
     pretrained: str = ""            # open_clip pretrained tag (e.g. "openai") or a weights file
-    image_size: int = 48
+    image_size: int = 64            # 8x8 patches of 8 px (48 px loses too much shape detail)
     patch_size: int = 8
     width: int = 128
     layers: int = 4
@@ -59,7 +59,7 @@ class ConnectorConfig:
 @dataclass
 class LanguageConfig:
     """The language model. `name` is `tiny`/`small` (Gemma architecture trained from scratch in
-    stage 0), `gemma3-270m` (bundled GGUF), or a hub id / local folder of a Gemma checkpoint."""
+    stage 0) or a hub id / local folder of a Gemma checkpoint (the size fields are then unused)."""
     name: str = "tiny"
     hidden_size: int = 128
     layers: int = 4
@@ -75,9 +75,8 @@ class StageConfig:
     """One training stage (LLaVA stage 1 `align` or stage 2 `instruct`)."""
     steps: int = 300
     batch_size: int = 32
-    lr: float = 1e-3
-    lm_lr: float = 0.0              # 0 -> LM frozen
-    connector_lr: float = 0.0       # 0 -> same as lr
+    lr: float = 1e-3                # the connector's learning rate
+    lm_lr: float = 0.0              # the LM's; 0 -> LM frozen (stage 1)
     warmup_ratio: float = 0.03      # LLaVA: 3% warmup, then cosine
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -86,10 +85,10 @@ class StageConfig:
 @dataclass
 class Stage0Config:
     """Unimodal pretraining of the tiny towers (LLaVA assumes both come pretrained)."""
-    clip_steps: int = 600
+    clip_steps: int = 200
     clip_batch_size: int = 128
     clip_lr: float = 1e-3
-    lm_steps: int = 600
+    lm_steps: int = 300
     lm_batch_size: int = 32
     lm_lr: float = 3e-3
 
@@ -98,9 +97,8 @@ class Stage0Config:
 class TrainConfig:
     seed: int = 0
     skip_align: bool = False        # the paper's "no pretrained connector" variant
-    align: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=1e-3))
-    instruct: StageConfig = field(default_factory=lambda: StageConfig(
-        steps=800, lr=2e-3, lm_lr=1e-3, connector_lr=2e-3))
+    align: StageConfig = field(default_factory=lambda: StageConfig(steps=250, lr=1e-3))
+    instruct: StageConfig = field(default_factory=lambda: StageConfig(steps=800, lr=2e-3, lm_lr=2e-3))
     stage0: Stage0Config = field(default_factory=Stage0Config)
     cache_features: bool = True     # frozen tower: compute its features once
     precision: str = "32-true"
@@ -180,8 +178,7 @@ def _tiny_noalign() -> Config:
 
 
 def _small_vision(c: Config) -> Config:
-    c.vision = VisionConfig(name="small", image_size=64, patch_size=8, width=192, layers=6, heads=6,
-                            embed_dim=192)
+    c.vision = VisionConfig(name="small", width=192, layers=6, heads=6, embed_dim=192)
     return c
 
 

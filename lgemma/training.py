@@ -75,7 +75,7 @@ class LlavaModule(L.LightningModule):
 
     def configure_optimizers(self):
         c = self.cfg
-        groups = [{"params": list(self.model.connector.parameters()), "lr": c.connector_lr or c.lr, "name": "connector"}]
+        groups = [{"params": list(self.model.connector.parameters()), "lr": c.lr, "name": "connector"}]
         lm_params = [p for p in self.model.lm.parameters() if p.requires_grad]
         if lm_params:
             groups.append({"params": lm_params, "lr": c.lm_lr, "name": "lm"})
