@@ -26,5 +26,13 @@ train: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+.PHONY: lab course
+lab: $(STAMP)
+	LGEMMA_HOME=$(CURDIR) $(BIN)/jupyter lab --ServerApp.root_dir=notebooks
+
+course: $(STAMP)
+	$(BIN)/lgemma train tiny tiny-noalign
+	$(BIN)/lgemma course run --out build/course
+
 clean-runs:
 	rm -rf runs runs-fast data/generated

@@ -11,6 +11,7 @@ CLI and the demo all call `train_variant(cfg)` ("load if cached, else train").
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -50,7 +51,9 @@ def apply_fast(cfg: Config) -> Config:
 
 
 def get_config(name_or_path: str, overrides: list[str] = ()) -> Config:
-    """Preset or YAML, then `key.sub=value` overrides, then fast mode if `LGEMMA_FAST=1`."""
+    """Preset or YAML, then `key.sub=value` overrides, then fast mode if `LGEMMA_FAST=1`.
+    Relative data and run folders are resolved against `LGEMMA_HOME` when it is set (the
+    notebooks set it to the project root, so they share `make train`'s caches)."""
     import yaml
     cfg = load_config(name_or_path)
     for item in overrides:
@@ -64,7 +67,15 @@ def get_config(name_or_path: str, overrides: list[str] = ()) -> Config:
         if not hasattr(node, last):
             raise ValueError(f"override {item!r}: {type(node).__name__} has no field {last!r}")
         setattr(node, last, yaml.safe_load(value))
-    return apply_fast(cfg) if fast_mode() else cfg
+    return resolve_home(apply_fast(cfg) if fast_mode() else cfg)
+
+
+def resolve_home(cfg: Config) -> Config:
+    """Make relative data and run folders relative to `LGEMMA_HOME` (if set)."""
+    home = Path(os.environ.get("LGEMMA_HOME", "."))
+    cfg.data.root = str(home / cfg.data.root)
+    cfg.runs_dir = str(home / cfg.runs_dir)
+    return cfg
 
 
 # ---------------------------------------------------------------- data
@@ -126,7 +137,7 @@ def _hash(*parts) -> str:
 def stage0_dirs(cfg: Config) -> tuple[Path, Path]:
     """Folders of the stage-0 vision tower and LM; the hash covers everything they depend on."""
     d, s0, base = cfg.data, cfg.train.stage0, Path(cfg.runs_dir) / "stage0"
-    data_key = (d.root, d.seed, d.n_train, d.image_size, cfg.train.seed)
+    data_key = (Path(d.root).name, d.seed, d.n_train, d.image_size, cfg.train.seed)  # not where it lives
     vision = base / f"vision-{cfg.vision.name}-{_hash(data_key, vars(cfg.vision), s0.clip_steps, s0.clip_batch_size, s0.clip_lr)}"
     lm = base / f"lm-{cfg.language.name}-{_hash(data_key, vars(cfg.language), s0.lm_steps, s0.lm_batch_size, s0.lm_lr, d.max_length)}"
     return vision, lm
@@ -173,6 +184,8 @@ def load_variant(run_dir: str | Path) -> tuple[LlavaGemma, object, Config]:
         raise FileNotFoundError(f"{run_dir} holds no trained model (model.safetensors): train it with "
                                 f"`lgemma train {run_dir.name}`")
     cfg = Config.from_yaml(run_dir / "config.yaml")
+    cfg.runs_dir = str(run_dir.parent)
+    cfg.data.root = resolve_home(copy.deepcopy(cfg)).data.root
     model, tokenizer = build_model(cfg, progress=False)
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")), strict=False)
     return model.eval(), tokenizer, cfg
@@ -184,9 +197,11 @@ def train_variant(cfg: Config, progress: bool = True, evaluate: bool = True, tra
     Returns the metrics (also written to `metrics.json`)."""
     from .training import train_stage
     run = cfg.run_dir
+    check_run_config(cfg)
     if (run / "metrics.json").exists() and (run / "model.safetensors").exists():
         return json.loads((run / "metrics.json").read_text())
     run.mkdir(parents=True, exist_ok=True)
+    cfg.to_yaml(run / "config.yaml")
     model, tokenizer = build_model(cfg, progress)
     source = ImageSource(cfg, model.vision)
     cap, ins = records(cfg, "captions"), records(cfg, "instruct")
@@ -203,7 +218,6 @@ def train_variant(cfg: Config, progress: bool = True, evaluate: bool = True, tra
     info = train_stage(model, "instruct", cfg.train.instruct, ds, run / "instruct", cfg.train.seed, trainer_kwargs)
     seconds["instruct"] = info["seconds"]
     seconds["total"] = round(sum(seconds.values()), 1)
-    cfg.to_yaml(run / "config.yaml")
     shutil.copyfile(run / "instruct" / "trained.safetensors", run / "model.safetensors")
     metrics = {"variant": cfg.name, "train_seconds": seconds,
                "truncated_samples": info["truncated_samples"]}
@@ -211,6 +225,31 @@ def train_variant(cfg: Config, progress: bool = True, evaluate: bool = True, tra
         metrics.update(evaluate_variant(model, tokenizer, cfg, source, evals, progress))
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def check_run_config(cfg: Config) -> None:
+    """Refuse to reuse or continue `cfg.run_dir` if it was trained with another config."""
+    saved = cfg.run_dir / "config.yaml"
+    if not saved.exists():
+        return
+    import yaml
+    old, new = yaml.safe_load(saved.read_text()), cfg.to_dict()
+    for d in (old, new):  # where the folders live is not part of what was trained
+        d.pop("runs_dir", None)
+        d["data"]["root"] = str((Path(os.environ.get("LGEMMA_HOME", ".")) / d["data"]["root"]).resolve())
+    diff = sorted(_diff(old, new))
+    if diff:
+        raise ValueError(f"{cfg.run_dir} was trained with a different config ({', '.join(diff[:5])}"
+                         f"{', ...' if len(diff) > 5 else ''}): give this run another name "
+                         f"(--set name=...) or delete that folder to retrain")
+
+
+def _diff(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in set(a) | set(b):
+            yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    elif a != b:
+        yield prefix.rstrip(".")
 
 
 def evaluate_variant(model, tokenizer, cfg: Config, source=None, evals=None, progress: bool = True) -> dict:

@@ -72,7 +72,7 @@ class TextLMModule(L.LightningModule):
 def _trainer(out: Path, steps: int, **kw) -> L.Trainer:
     quiet_lightning()
     return L.Trainer(max_steps=steps, logger=CSVLogger(out, name="logs", version=0), enable_checkpointing=False,
-                     log_every_n_steps=10, enable_model_summary=False, accelerator="cpu", devices=1, **kw)
+                     log_every_n_steps=10, enable_model_summary=False, accelerator="auto", devices=1, **kw)
 
 
 def pretrain_vision(cfg: Config, records: list[dict], load_image, heldout: list[dict], out_dir: str | Path) -> dict:
@@ -103,6 +103,7 @@ def clip_retrieval(clip, tok, records: list[dict], load_image, group: int = 50) 
     """Image -> caption top-1 accuracy within groups of `group` held-out pairs (chance 1/group).
     Scenes with identical captions count as correct when any of them is picked."""
     clip.eval()
+    group = min(group, len(records))
     hits, total = 0, 0
     for i in range(0, len(records) - group + 1, group):
         chunk = records[i:i + group]

@@ -9,7 +9,7 @@ from lgemma.data.collate import (IGNORE_INDEX, LabelMismatch, LlavaDataset, buil
 from lgemma.data.llava_json import DataError, load_records, turns
 from lgemma.language import END_TURN, IMAGE_TOKEN
 
-N = 36
+N = 64
 
 
 def test_unmasked_labels_decode_to_exactly_the_replies(world, tokenizer):

@@ -30,7 +30,7 @@ def _batch(model, tokenizer, texts, images=True):
     n = model.num_image_tokens
     samples = [build_sample(tokenizer, [(f"<image>\n{q}", a)], n) for q, a in texts]
     items = [{"input_ids": torch.tensor(s.input_ids), "labels": torch.tensor(s.labels),
-              "image": torch.randn(3, 48, 48)} for s in samples]
+              "image": torch.randn(3, 64, 64)} for s in samples]
     return collate(items, tokenizer.pad_token_id)
 
 
@@ -51,7 +51,7 @@ def test_kv_cached_generation_matches_greedy_without_cache(tiny_model):
     model, tok = tiny_model
     model.eval()
     questions = ["<image>\nWhat color is the circle?", "<image>\nHow many objects are there?"]
-    images = torch.randn(2, 3, 48, 48)
+    images = torch.randn(2, 3, 64, 64)
     got = answer(model, tok, questions, images, max_new_tokens=6)
     for q, img, text in zip(questions, images, got):
         ids = torch.tensor([build_prompt(tok, q, model.num_image_tokens)])

@@ -31,9 +31,12 @@ def test_cli_train_end_to_end_fast(fast_env, capsys):
     # the saved variant reloads and answers the same as in training's evaluation
     cfg = get_config("tiny")
     model, tok, saved = load_variant(cfg.run_dir)
-    assert saved.name == "tiny" and model.num_image_tokens == 36
+    assert saved.name == "tiny" and model.num_image_tokens == 64
     # a second run is cached: nothing retrained
     assert cli.main(["train", "tiny"]) == 0
+    # the same run name with another config is refused, not silently reused
+    assert cli.main(["train", "tiny", "--set", "train.instruct.steps=7"]) == 2
+    assert "different config" in capsys.readouterr().err
 
 
 def test_cli_unknown_preset_is_a_clear_error(fast_env, capsys):

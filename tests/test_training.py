@@ -17,7 +17,7 @@ QUIET = dict(enable_progress_bar=False, logger=False)
 def dataset(world, model, tok, name="instruct_train.json", n=64):
     recs = load_records(world / name)[:n]
     return LlavaDataset(recs, tok, model.num_image_tokens,
-                        lambda r: torch.randn(3, 48, 48, generator=torch.Generator().manual_seed(hash(r["id"]) % 2**31)))
+                        lambda r: torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(hash(r["id"]) % 2**31)))
 
 
 def fixed_loss(model, ds):

@@ -10,10 +10,10 @@ from lgemma.vision import WeightsUnavailable, build_vision_tower
 def test_tiny_tower_gives_penultimate_patch_tokens():
     cfg = VisionConfig(width=32, layers=3, heads=2, embed_dim=32)
     tower = build_vision_tower(cfg)
-    assert tower.grid == (6, 6) and tower.num_patches == 36 and tower.hidden_size == 32
-    x = torch.randn(2, 3, 48, 48)
+    assert tower.grid == (8, 8) and tower.num_patches == 64 and tower.hidden_size == 32
+    x = torch.randn(2, 3, 64, 64)
     feats = tower(x)
-    assert feats.shape == (2, 36, 32)
+    assert feats.shape == (2, 64, 32)
     # reference: run the blocks by hand and stop after the penultimate one, drop CLS
     enc = tower.encoder
     h = enc._embeds(x)
@@ -44,8 +44,8 @@ def test_preprocess_pads_to_square_and_resizes():
     tower = build_vision_tower(VisionConfig(width=32, layers=2, heads=2, embed_dim=32))
     wide = Image.new("RGB", (100, 50), (255, 0, 0))
     x = tower.preprocess(wide)
-    assert x.shape == (3, 48, 48)
-    assert not torch.allclose(x[:, 0, 24], x[:, 24, 24])  # top rows are padding, centre is red
+    assert x.shape == (3, 64, 64)
+    assert not torch.allclose(x[:, 0, 32], x[:, 32, 32])  # top rows are padding, centre is red
 
 
 @pytest.mark.parametrize("kind,n_params", [("linear", 32 * 64 + 64), ("mlp2x_gelu", 32 * 64 + 64 + 64 * 64 + 64)])
