@@ -12,6 +12,7 @@ CLI and the demo all call `train_variant(cfg)` ("load if cached, else train").
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -51,23 +52,25 @@ def apply_fast(cfg: Config) -> Config:
 
 
 def get_config(name_or_path: str, overrides: list[str] = ()) -> Config:
-    """Preset or YAML, then `key.sub=value` overrides, then fast mode if `LGEMMA_FAST=1`.
-    Relative data and run folders are resolved against `LGEMMA_HOME` when it is set (the
-    notebooks set it to the project root, so they share `make train`'s caches)."""
+    """Preset or YAML, then fast mode if `LGEMMA_FAST=1`, then `key.sub=value` overrides (an
+    explicit override wins). Relative data and run folders are resolved against `LGEMMA_HOME`
+    when it is set (the notebooks set it to the project root, so they share `make train`'s caches)."""
     import yaml
     cfg = load_config(name_or_path)
+    cfg = apply_fast(cfg) if fast_mode() else cfg
     for item in overrides:
         key, _, value = item.partition("=")
         if not _:
             raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.instruct.steps=400")
         *path, last = key.split(".")
         node = cfg
-        for p in path:
-            node = getattr(node, p)
-        if not hasattr(node, last):
-            raise ValueError(f"override {item!r}: {type(node).__name__} has no field {last!r}")
+        for i, p in enumerate([*path, last]):
+            if not dataclasses.is_dataclass(node) or not hasattr(node, p):
+                raise ValueError(f"override {item!r}: {type(node).__name__} has no field {p!r}")
+            if i < len(path):
+                node = getattr(node, p)
         setattr(node, last, yaml.safe_load(value))
-    return resolve_home(apply_fast(cfg) if fast_mode() else cfg)
+    return resolve_home(cfg)
 
 
 def resolve_home(cfg: Config) -> Config:

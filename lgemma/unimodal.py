@@ -28,6 +28,14 @@ from .training import quiet_lightning
 from .vision import CLIP_CONTEXT_LENGTH, build_tiny_clip
 
 
+def adamw_cosine(params, lr: float, steps: int, weight_decay: float) -> dict:
+    """AdamW with 5% linear warmup then cosine decay, stepped every batch (Lightning's format)."""
+    from transformers import get_cosine_schedule_with_warmup
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, max(1, steps // 20), steps)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class ClipModule(L.LightningModule):
     """Contrastive image-caption training with open_clip's model and loss."""
 
@@ -44,10 +52,7 @@ class ClipModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        from transformers import get_cosine_schedule_with_warmup
-        opt = torch.optim.AdamW(self.clip.parameters(), lr=self.lr, weight_decay=0.1)
-        sched = get_cosine_schedule_with_warmup(opt, max(1, self.steps // 20), self.steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_cosine(self.clip.parameters(), self.lr, self.steps, weight_decay=0.1)
 
 
 class TextLMModule(L.LightningModule):
@@ -63,10 +68,7 @@ class TextLMModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        from transformers import get_cosine_schedule_with_warmup
-        opt = torch.optim.AdamW(self.lm.parameters(), lr=self.lr, weight_decay=0.01)
-        sched = get_cosine_schedule_with_warmup(opt, max(1, self.steps // 20), self.steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_cosine(self.lm.parameters(), self.lr, self.steps, weight_decay=0.01)
 
 
 def _trainer(out: Path, steps: int, **kw) -> L.Trainer:

@@ -33,3 +33,10 @@ def test_overrides(monkeypatch):
         get_config("tiny", ["train.nope=1"])
     with pytest.raises(ValueError, match="section.key=value"):
         get_config("tiny", ["train.instruct.lr"])
+
+
+def test_override_beats_fast_mode_and_bad_sections_are_clear(monkeypatch):
+    monkeypatch.setenv("LGEMMA_FAST", "1")
+    assert get_config("tiny", ["train.instruct.steps=7"]).train.instruct.steps == 7
+    with pytest.raises(ValueError, match="no field 'trian'"):
+        get_config("tiny", ["trian.steps=1"])
