@@ -9,6 +9,8 @@ STAMP   := $(VENV)/.installed
 help:
 	@echo "make train   data, stage 0, stage 1, stage 2 and eval of the default tiny variants (with and without stage 1)"
 	@echo "make test    the test suite (unit, end-to-end training in fast mode)"
+	@echo "make lab     JupyterLab on notebooks/ (the course, read in order)"
+	@echo "make course  run every notebook (after make train's variants), HTML + timings in build/course/"
 	@echo "make setup   only create .venv and install the pinned dependencies"
 
 setup: $(STAMP)
@@ -28,7 +30,8 @@ test: $(STAMP)
 
 .PHONY: lab course
 lab: $(STAMP)
-	LGEMMA_HOME=$(CURDIR) $(BIN)/jupyter lab --ServerApp.root_dir=notebooks
+	LGEMMA_HOME=$(CURDIR) $(BIN)/jupyter lab --ServerApp.root_dir=notebooks --ServerApp.ip=127.0.0.1 \
+		$(if $(filter 0,$(shell id -u)),--allow-root)
 
 course: $(STAMP)
 	$(BIN)/lgemma train tiny tiny-noalign
