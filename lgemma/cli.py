@@ -32,7 +32,7 @@ def cmd_data(args):
     from .pipeline import ensure_data
     for cfg in _configs(args):
         root = ensure_data(cfg)
-        print(f"data ready in {root}: " + (root / "summary.json").read_text() if (root / "summary.json").exists() else "")
+        print(f"data ready in {root}")
 
 
 def cmd_pretrain(args):

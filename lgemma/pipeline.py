@@ -31,8 +31,6 @@ from .language import IMAGE_TOKEN, TINY_LMS, load_language_model
 from .model import LlavaGemma
 from .vision import TINY_TOWERS, build_vision_tower
 
-torch.set_num_threads(max(1, os.cpu_count() or 1))
-
 
 # ---------------------------------------------------------------- fast mode
 def fast_mode() -> bool:

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from .config import VisionConfig
+from .data.llava_json import expand_to_square
 
 TINY_TOWERS = ("tiny", "small")          # open_clip ViTs lgemma trains itself (stage 0)
 CLIP_CONTEXT_LENGTH = 32                 # ShapesWorld captions are short
@@ -70,7 +71,6 @@ class VisionTower(nn.Module):
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL RGB image -> normalized tensor [3, S, S] (pad to square first, as LLaVA-1.5)."""
-        from .data.llava_json import expand_to_square
         return self.transform(expand_to_square(image.convert("RGB"), self.fill_color))
 
     @torch.no_grad()
