@@ -38,7 +38,8 @@ class Sample:
     truncated: int = 0  # how many tokens were cut from the end
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` with no special tokens added (one span of a sample)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
@@ -60,18 +61,18 @@ def build_sample(tokenizer, conversation: list[tuple[str, str]], num_image_token
         prefix = f"{START_TURN}user\n"
         if i == 0 and num_image_tokens is not None:
             before, after = split_image_placeholder(human)  # "<image>\nQ" -> ("", "Q")
-            add(_encode(tokenizer, prefix + before + ("\n" if before else "")), False)
+            add(encode_text(tokenizer, prefix + before + ("\n" if before else "")), False)
             add([image_id] * num_image_tokens, False)
             human = ("\n" if after else "") + after
             prefix = ""
-        add(_encode(tokenizer, f"{prefix}{human}{END_TURN}\n{START_TURN}model\n"), False)
-        reply = _encode(tokenizer, gpt)
+        add(encode_text(tokenizer, f"{prefix}{human}{END_TURN}\n{START_TURN}model\n"), False)
+        reply = encode_text(tokenizer, gpt)
         if tokenizer.decode(reply) != gpt:
             raise LabelMismatch(f"{where}, turn {i}: reply {gpt!r} decodes back as "
                                 f"{tokenizer.decode(reply)!r}; the tokenizer changes this text, fix the data "
                                 f"or the tokenizer's normalizer")
-        add(reply + _encode(tokenizer, END_TURN), True)  # the model also learns to stop
-        add(_encode(tokenizer, "\n"), False)
+        add(reply + encode_text(tokenizer, END_TURN), True)  # the model also learns to stop
+        add(encode_text(tokenizer, "\n"), False)
 
     truncated = 0
     if max_length is not None and len(ids) > max_length:
@@ -88,7 +89,7 @@ def build_prompt(tokenizer, question: str, num_image_tokens: int | None,
     """Token ids of a prompt ending in `<start_of_turn>model\\n`, ready for generation.
     Built by the same code as training samples, so train and test see identical spans."""
     sample = build_sample(tokenizer, [*history, (question, "")], num_image_tokens)
-    n_tail = len(_encode(tokenizer, END_TURN)) + len(_encode(tokenizer, "\n"))
+    n_tail = len(encode_text(tokenizer, END_TURN)) + len(encode_text(tokenizer, "\n"))
     return sample.input_ids[:-n_tail]
 
 

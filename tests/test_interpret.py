@@ -1,0 +1,102 @@
+"""Interpretability tools on the random tiny model: shapes, normalization, the teacher-forced
+run agreeing with KV-cached generation, and the relevancy map's randomization sanity check."""
+import pytest
+import torch
+from PIL import Image
+
+from lgemma import interpret as I
+from lgemma.data.collate import build_prompt
+from lgemma.data.llava_json import load_records, turns
+from lgemma.evaluation import answer
+from lgemma.language import END_TURN
+
+
+@pytest.fixture
+def sample(world, tiny_model):
+    """(model, tokenizer, question, answer, PIL image, pixels [3,S,S], record) for a color question."""
+    model, tok = tiny_model
+    model.eval()
+    rec = next(r for r in load_records(world / "instruct_heldout.json") if r["question_type"] == "color")
+    img = Image.open(world / rec["image"]).convert("RGB")
+    q, a = turns(rec)[0]
+    return model, tok, q, a, img, model.vision.preprocess(img), rec
+
+
+def test_shapes_and_normalization(sample):
+    model, tok, q, a, img, px, _ = sample
+    res = I.teacher_forced(model, tok, q, a, px)
+    L, H = model.lm.config.num_hidden_layers, model.lm.config.num_attention_heads
+    T = len(res["input_ids"])
+    assert res["attentions"].shape == (L, H, T, T)
+    assert len(res["image_positions"]) == model.vision.num_patches
+    assert tok.decode(res["input_ids"][res["answer_positions"]]) == a
+    assert tok.decode(res["input_ids"][res["question_positions"]]).strip() == q.split("\n", 1)[1]
+    assert I.image_attention(res).shape == (L, H, *model.vision.grid)
+    torch.testing.assert_close(res["attentions"].sum(-1), torch.ones(L, H, T), atol=1e-5, rtol=0)
+    mass = I.attention_mass(res)
+    assert all(m.shape == (L, H) and (m >= -1e-6).all() for m in mass.values())
+    torch.testing.assert_close(sum(mass.values()), torch.ones(L, H), atol=1e-5, rtol=0)
+    assert I.overlay(img, I.image_attention(res).mean((0, 1))).size == img.size
+
+
+def test_attention_implementation_restored(sample):
+    model, tok, q, a, img, px, _ = sample
+    before = model.lm.config._attn_implementation
+    I.teacher_forced(model, tok, q, a, px)
+    assert model.lm.config._attn_implementation == before
+
+
+def test_teacher_forced_matches_cached_generation(sample):
+    model, tok, q, _, _, px, _ = sample
+    n = model.num_image_tokens
+    stop = [tok.convert_tokens_to_ids(END_TURN), tok.eos_token_id]
+    prompt = torch.tensor([build_prompt(tok, q, n)])
+    gen = model.generate(prompt, torch.ones_like(prompt), px[None], max_new_tokens=6, stop_token_ids=stop)[0]
+    assert answer(model, tok, [q], px[None], max_new_tokens=6)[0] == tok.decode(gen, skip_special_tokens=True).strip()
+
+    res = I.teacher_forced(model, tok, q, gen.tolist(), px)
+    pred = res["logits"][res["answer_positions"] - 1].argmax(-1)
+    assert pred.tolist() == gen.tolist()
+
+    # KV cache: first step (prompt) and second step (one new token) vs the full forward
+    with torch.no_grad():
+        embeds = model.embed(prompt, px[None])
+        step1 = model.lm(inputs_embeds=embeds, use_cache=True)
+        nxt = model.lm.get_input_embeddings()(gen[None, :1])
+        step2 = model.lm(inputs_embeds=nxt, past_key_values=step1.past_key_values, use_cache=True)
+    p = prompt.shape[1]
+    torch.testing.assert_close(step1.logits[0, -1], res["logits"][p - 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step2.logits[0, -1], res["logits"][p], atol=1e-5, rtol=0)
+
+
+def test_relevancy_map(sample):
+    model, tok, q, a, _, px, _ = sample
+    heat, R, res = I.relevancy_map(model, tok, q, a, px, return_all=True)
+    assert heat.shape == model.vision.grid and (heat >= 0).all()
+    assert heat.sum() > 0, "no gradient reached the attention probabilities"
+    # rollout from identity: every row keeps at least its own 1
+    assert (R.diagonal() >= 1 - 1e-6).all()
+    # model-randomization check (Adebayo et al. 2018): a new connector must change the map
+    torch.manual_seed(123)
+    for m in model.connector.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    assert not torch.allclose(I.relevancy_map(model, tok, q, a, px), heat, atol=1e-6)
+
+
+def test_localization_score():
+    box = [8, 16, 24, 40]
+    assert abs(I.localization_score(torch.ones(8, 8), box, 64) - 1.0) < 1e-6
+    assert abs(I.localization_score(torch.rand(4, 4) * 0 + 3.0, box, (64, 64)) - 1.0) < 1e-6
+    inside = torch.zeros(8, 8)
+    inside[2:5, 1:3] = 1.0       # patches 8 px: rows 16..40, cols 8..24 = the box
+    score = I.localization_score(inside, box, 64)
+    assert score > 1.0
+    assert score <= 64 * 64 / (16 * 24) + 1e-6   # can't beat all mass in the box
+
+
+def test_token_norm_stats(sample):
+    model, tok, q, _, _, px, _ = sample
+    stats = I.token_norm_stats(model, tok, torch.stack([px, px]), q)
+    assert set(stats) >= {"visual_mean", "visual_std", "text_mean", "text_std", "ratio"}
+    assert stats["visual_mean"] > 0 and stats["text_mean"] > 0
