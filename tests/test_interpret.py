@@ -100,3 +100,24 @@ def test_token_norm_stats(sample):
     stats = I.token_norm_stats(model, tok, torch.stack([px, px]), q)
     assert set(stats) >= {"visual_mean", "visual_std", "text_mean", "text_std", "ratio"}
     assert stats["visual_mean"] > 0 and stats["text_mean"] > 0
+
+
+def test_maps_work_with_a_gemma3_language_model(tokenizer):
+    """The same functions on transformers' Gemma 3 class (the 270M's architecture), tiny and random."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from lgemma.interpret import image_attention, relevancy_map, teacher_forced
+    from lgemma.language import IMAGE_TOKEN
+    from lgemma.model import LlavaGemma
+    from lgemma.vision import build_vision_tower
+    from tests.conftest import tiny_cfg
+    cfg = tiny_cfg()
+    lm = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                            head_dim=16, sliding_window=16, pad_token_id=0))
+    model = LlavaGemma(build_vision_tower(cfg.vision), lm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    image = torch.randn(3, 64, 64)
+    res = teacher_forced(model, tokenizer, "<image>\nWhat color is the circle?", "red", image)
+    assert image_attention(res).shape == (2, 2, *model.vision.grid)
+    rel = relevancy_map(model, tokenizer, "<image>\nWhat color is the circle?", "red", image)
+    assert rel.shape == model.vision.grid and (rel >= 0).all()
