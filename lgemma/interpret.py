@@ -23,7 +23,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .data.collate import IGNORE_INDEX, encode_text, build_prompt, build_sample
+from .alignment import token_norms
+from .data.collate import IGNORE_INDEX, build_prompt, build_sample, encode_text, remove_image
 from .language import END_TURN, START_TURN
 
 
@@ -201,16 +202,13 @@ def localization_score(heat: torch.Tensor, box, image_size) -> float:
 
 @torch.no_grad()
 def token_norm_stats(model, tokenizer, images, question: str) -> dict[str, float]:
-    """L2 norms of visual tokens vs text-token embeddings as the LM receives them (text ones
-    after Gemma's sqrt(hidden) scaling, which visual tokens skip). `images`: pixels
-    [B,3,S,S] (or features [B,N,Dv]); `question` holds `<image>`. Returns mean/std of each
-    and their ratio of means (visual / text)."""
-    ids = torch.tensor([build_prompt(tokenizer, question, model.num_image_tokens)] * len(images),
-                       device=next(model.parameters()).device)
-    embeds = model.embed(ids, images.to(ids.device)).float()             # [B, T, D]
-    norms = embeds.norm(dim=-1)
-    is_image = ids == model.image_token_id
-    vis, txt = norms[is_image], norms[~is_image]
+    """Summary of `lgemma.alignment.token_norms`: mean/std of the L2 norms of visual tokens and
+    of the question's text tokens as the LM receives them (text after Gemma's sqrt(hidden)
+    scaling, which spliced visual tokens skip), and the ratio of means (visual / text).
+    `images`: pixels [B,3,S,S] or features [B,N,Dv]; `question` may hold `<image>`."""
+    with torch.no_grad():
+        n = token_norms(model, tokenizer, images, remove_image(question) if "<image>" in question else question)
+    vis, txt = n["visual"], n["text"]
     return {"visual_mean": vis.mean().item(), "visual_std": vis.std().item(),
             "text_mean": txt.mean().item(), "text_std": txt.std().item(),
             "ratio": (vis.mean() / txt.mean()).item()}
