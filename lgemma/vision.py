@@ -52,7 +52,7 @@ class VisionTower(nn.Module):
             patch = encoder.patch_size[0]
             self.hidden_size = encoder.transformer.width
             self.num_layers = len(encoder.transformer.resblocks)
-        else:  # dinov2 (transformers)
+        else:  # transformers towers: dinov2, hf_clip (CLIPVisionModel)
             patch = encoder.config.patch_size
             self.hidden_size = encoder.config.hidden_size
             self.num_layers = encoder.config.num_hidden_layers
@@ -94,6 +94,8 @@ def build_vision_tower(cfg: VisionConfig, weights: str | Path | None = None) -> 
       `cfg.pretrained` a tag (`openai`) or a local weights file; empty -> random init.
     - `dinov2:<hub id or folder>` (e.g. `dinov2:facebook/dinov2-large`) via transformers;
       `dinov2-random:<hub id or folder>` builds the same class from its config, random init.
+    - `hf-clip:<hub id or folder>`: transformers' CLIPVisionModel (e.g. `openai/clip-vit-large-patch14-336`,
+      the tower of `Intel/llava-gemma-2b`); `lgemma.hf` builds this kind when importing a Llava checkpoint.
     """
     if cfg.name in TINY_TOWERS:
         clip = build_tiny_clip(cfg)
@@ -103,9 +105,11 @@ def build_vision_tower(cfg: VisionConfig, weights: str | Path | None = None) -> 
         return VisionTower(cfg, clip.visual, "open_clip", OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, cfg.image_size)
     if cfg.name.startswith(("dinov2:", "dinov2-random:")):
         return _dinov2(cfg)
+    if cfg.name.startswith("hf-clip:"):
+        return _hf_clip(cfg)
     if cfg.name not in open_clip.list_models():
         raise KeyError(f"unknown vision tower {cfg.name!r}: use one of {TINY_TOWERS}, an open_clip "
-                       f"model name (e.g. ViT-L-14-336; all: open_clip.list_models()), or 'dinov2:<id>'")
+                       f"model name (e.g. ViT-L-14-336; all: open_clip.list_models()), 'dinov2:<id>' or 'hf-clip:<id>'")
     try:
         model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained or None, require_pretrained=bool(cfg.pretrained))
     except Exception as e:  # open_clip raises RuntimeError on failed downloads
@@ -134,3 +138,26 @@ def _dinov2(cfg: VisionConfig) -> VisionTower:
             f"(`huggingface-cli download {source}`) and set vision.name to 'dinov2:/path/to/folder'.") from e
     size = encoder.config.image_size if cfg.image_size <= 0 else cfg.image_size
     return VisionTower(cfg, encoder, "dinov2", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), size)
+
+
+# ---------------------------------------------------------------- transformers' CLIP (the LLaVA-1.5 tower)
+def hf_clip_tower(encoder, feature_layer: int = -2, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD,
+                  name: str = "hf-clip") -> VisionTower:
+    """Wrap a transformers `CLIPVisionModel` as a VisionTower (kind `hf_clip`): penultimate layer, CLS
+    dropped, exactly what transformers' Llava computes with `vision_feature_select_strategy="default"`."""
+    c = encoder.config
+    cfg = VisionConfig(name=name, image_size=c.image_size, patch_size=c.patch_size, width=c.hidden_size,
+                       layers=c.num_hidden_layers, heads=c.num_attention_heads, feature_layer=feature_layer)
+    return VisionTower(cfg, encoder, "hf_clip", mean, std, c.image_size)
+
+
+def _hf_clip(cfg: VisionConfig) -> VisionTower:
+    from transformers import CLIPVisionModel
+    source = cfg.name.split(":", 1)[1]
+    try:
+        encoder = CLIPVisionModel.from_pretrained(source, use_safetensors=True)
+    except OSError as e:
+        raise WeightsUnavailable(
+            f"could not load CLIP {source!r} ({e}). Offline? Download it on a machine with internet "
+            f"(`huggingface-cli download {source}`) and set vision.name to 'hf-clip:/path/to/folder'.") from e
+    return hf_clip_tower(encoder, cfg.feature_layer, name=cfg.name)

@@ -1,0 +1,33 @@
+"""Smoke test of benchmarks/speed_vs_transformers.py at toy size, so the script cannot rot."""
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_vs_transformers.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("speed_vs_transformers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_runs_and_reports_ratios(tmp_path, capsys):
+    bench = _bench()
+    threads = torch.get_num_threads()
+    try:
+        res = bench.main(["--size", "tiny", "--device", "cpu", "--threads", "1", "--rounds", "1",
+                          "--no-memory", "--json", str(tmp_path / "r.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert abs(res["losses"]["lgemma"] - res["losses"]["transformers"]) < 1e-3   # same weights, same loss
+    assert res["train_speedup"] > 0 and res["generate_speedup"] > 0
+    assert (tmp_path / "r.json").exists() and "x faster" in capsys.readouterr().out
+
+
+def test_memory_worker_measures_one_implementation():
+    bench = _bench()
+    mem = bench.memory_worker("tiny", "lgemma", 2, "cpu", torch.float32)
+    assert set(mem) == {"peak", "resident", "step"} and mem["peak"] > 0
