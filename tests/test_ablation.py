@@ -1,0 +1,93 @@
+"""lgemma.ablation: the statistics against hand-computed values, and a real 2x1x1x2 mini-grid
+in fast mode (trained, summarized, resumed without retraining)."""
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from lgemma import ablation, cli
+
+
+def test_mean_ci_matches_a_hand_computed_t_interval():
+    # 0.5, 0.7, 0.6: mean 0.6, sample sd 0.1, t(0.975, df=2) = 4.302653 (printed t tables)
+    ci = ablation.mean_ci([0.5, 0.7, 0.6])
+    half = 4.302653 * 0.1 / math.sqrt(3)  # 0.248414
+    assert ci["n"] == 3 and ci["mean"] == pytest.approx(0.6)
+    assert ci["lo"] == pytest.approx(0.6 - half, abs=1e-6) and ci["hi"] == pytest.approx(0.6 + half, abs=1e-6)
+    # two values: t(0.975, df=1) = 12.706205
+    ci = ablation.mean_ci([1.0, 2.0])
+    assert ci["hi"] - ci["mean"] == pytest.approx(12.706205 * math.sqrt(0.5) / math.sqrt(2), abs=1e-5)
+    # one run has no interval: the paper's situation
+    one = ablation.mean_ci([0.8])
+    assert one["mean"] == 0.8 and math.isnan(one["lo"]) and math.isnan(one["hi"])
+
+
+def _table(deltas_by_seed):
+    """A synthetic 2x1x1 grid whose 'off' runs differ from 'on' by the given per-seed deltas."""
+    rows = []
+    for seed, d in enumerate(deltas_by_seed):
+        base = {b: 0.5 for b in ablation.BENCHMARKS}
+        rows.append({"align": "on", "vision": "tiny", "language": "tiny", "seed": seed, **base})
+        rows.append({"align": "off", "vision": "tiny", "language": "tiny", "seed": seed,
+                     **{b: 0.5 + d for b in ablation.BENCHMARKS}})
+    return pd.DataFrame(rows)
+
+
+def test_effects_are_paired_differences_with_a_verdict_no_stronger_than_the_interval():
+    grid = ablation.Grid(levels={"align": ("on", "off"), "vision": ("tiny",), "language": ("tiny",)}, seeds=(0, 1, 2))
+    clear = ablation.effects(_table([0.10, 0.12, 0.11]), grid)
+    assert set(clear.axis) == {"align"}           # axes held fixed have no effect row
+    row = clear[clear.benchmark == "heldout"].iloc[0]
+    assert row.change == "off - on" and row.pairs == 3
+    assert row.delta == pytest.approx(0.11)
+    assert row.hi - row.delta == pytest.approx(4.302653 * 0.01 / math.sqrt(3), abs=1e-6)
+    assert row.distinguishable and "worse" not in ablation.verdict(row) and "better" in ablation.verdict(row)
+    noisy = ablation.effects(_table([0.10, -0.12, 0.03]), grid)
+    row = noisy[noisy.benchmark == "heldout"].iloc[0]
+    assert not row.distinguishable and "no detectable effect" in ablation.verdict(row)
+
+
+def test_paper_deltas_follow_the_papers_table():
+    d = ablation.paper_deltas()
+    # gemma-2b-it, CLIP: GQA 0.531 with stage 1, 0.481 without -> skipping stage 1: -0.050
+    row = d[(d.axis == "align") & (d.benchmark == "gqa") & (d["at"] == "CLIP, gemma-2b-it")].iloc[0]
+    assert row.delta == pytest.approx(0.481 - 0.531)
+    row = d[(d.axis == "language") & (d.benchmark == "mmvp") & (d["at"] == "yes, CLIP")].iloc[0]
+    assert row.delta == pytest.approx(0.327 - 0.287)
+
+
+def test_mini_grid_trains_summarizes_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LGEMMA_FAST", "1")
+    monkeypatch.chdir(tmp_path)
+    args = ["ablate", "--vision", "tiny", "--language", "tiny", "--seeds", "0", "1"]
+    assert cli.main(args + ["--jobs", "2"]) == 0      # two runs at a time, in worker processes
+    out = capsys.readouterr().out
+    assert "effect of each axis" in out and "beside the paper" in out
+    folder = tmp_path / "runs-fast" / "ablation"
+    runs = pd.read_csv(folder / "runs.csv")
+    assert len(runs) == 4 and set(runs["align"]) == {"on", "off"} and set(runs.seed) == {0, 1}
+    summary = pd.read_csv(folder / "summary.csv")
+    cell = summary[(summary["align"] == "on") & (summary.benchmark == "heldout")].iloc[0]
+    assert cell.n == 2 and cell["mean"] == pytest.approx(runs[runs["align"] == "on"].heldout.mean())
+    assert (folder / "effects.png").stat().st_size > 0 and (folder / "effects.csv").exists()
+    # stage 0 was trained once and shared by every run
+    assert len(list((tmp_path / "runs-fast" / "stage0").glob("vision-*"))) == 1
+
+    # resume: one run "killed" before it finished, the others untouched
+    done = {p: p.stat().st_mtime_ns for p in folder.glob("*/metrics.json")}
+    victim = folder / ablation.run_name({"align": "off", "vision": "tiny", "language": "tiny", "seed": 1})
+    (victim / "metrics.json").unlink()
+    (victim / "model.safetensors").unlink()
+    trained = []
+    import lgemma.pipeline as pipeline
+    real = pipeline.build_model
+    monkeypatch.setattr(pipeline, "build_model", lambda cfg, *a, **k: trained.append(cfg.name) or real(cfg, *a, **k))
+    assert cli.main(args) == 0
+    assert trained == [f"ablation/{victim.name}"]   # only the unfinished run trained again
+    for p, t in done.items():
+        if p.parent != victim:
+            assert p.stat().st_mtime_ns == t
+    again = pd.read_csv(folder / "runs.csv")
+    assert len(again) == 4
+    assert json.loads((victim / "metrics.json").read_text())["variant"] == f"ablation/{victim.name}"
