@@ -7,10 +7,12 @@ STAMP   := $(VENV)/.installed
 .PHONY: setup train test clean-runs help
 
 help:
+	@echo "make demo    train the default tiny variants if not cached (~13 min the first time), then serve the Gradio demo on 127.0.0.1:7860"
 	@echo "make train   data, stage 0, stage 1, stage 2 and eval of the default tiny variants (with and without stage 1)"
 	@echo "make test    the test suite (unit, end-to-end training in fast mode)"
 	@echo "make lab     JupyterLab on notebooks/ (the course, read in order)"
 	@echo "make course  run every notebook (after make train's variants), HTML + timings in build/course/"
+	@echo "make ablation  the paper's ablation grid, 2x2x2 cells x 3 seeds (cached; notebook 04 reads it)"
 	@echo "make setup   only create .venv and install the pinned dependencies"
 
 setup: $(STAMP)
@@ -24,6 +26,10 @@ $(STAMP): requirements.txt pyproject.toml
 
 train: $(STAMP)
 	$(BIN)/lgemma train tiny tiny-noalign
+
+.PHONY: demo
+demo: $(STAMP)
+	$(BIN)/lgemma demo tiny tiny-noalign
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -39,3 +45,7 @@ course: $(STAMP)
 
 clean-runs:
 	rm -rf runs runs-fast data/generated
+
+.PHONY: ablation
+ablation: $(STAMP)
+	$(BIN)/lgemma ablate --jobs 2

@@ -1,10 +1,11 @@
-"""`lgemma` command line: data | pretrain-unimodal | train | eval | course.
+"""`lgemma` command line: data | pretrain-unimodal | train | eval | ablate | demo | course.
 
 Every command takes presets (`tiny`, `tiny-noalign`, ...) or YAML files, and `--set
 section.key=value` overrides, e.g.
 
     lgemma train tiny --set train.instruct.steps=400
     LGEMMA_FAST=1 lgemma train tiny          # seconds, for a quick look
+    lgemma train paper-2b-clip --strategy ddp --devices 8 --precision bf16-mixed --accumulate 1
 """
 from __future__ import annotations
 
@@ -18,7 +19,26 @@ from .config import PRESETS
 
 def _configs(args):
     from .pipeline import get_config
-    return [get_config(name, args.set) for name in args.configs]
+    return [get_config(name, [*args.set, *_trainer_overrides(args)]) for name in args.configs]
+
+
+# `lgemma train` flags for Lightning's Trainer; each is shorthand for a `--set train.<field>=...`
+TRAINER_FLAGS = {"strategy": "strategy", "devices": "devices", "precision": "precision",
+                 "accumulate": "accumulate_grad_batches", "num_workers": "num_workers"}
+
+
+def _trainer_overrides(args) -> list[str]:
+    return [f"train.{field}={getattr(args, flag)}" for flag, field in TRAINER_FLAGS.items()
+            if getattr(args, flag, None) is not None]
+
+
+def _add_trainer_flags(p: argparse.ArgumentParser):
+    g = p.add_argument_group("scale-out (Lightning Trainer; global batch = batch_size x devices x accumulate)")
+    g.add_argument("--strategy", help="ddp, fsdp, deepspeed_stage_2 (needs deepspeed), ... (train.strategy)")
+    g.add_argument("--devices", help="GPUs (or CPU processes) per node, e.g. 8 (train.devices)")
+    g.add_argument("--precision", help="e.g. bf16-mixed, 16-mixed, 32-true (train.precision)")
+    g.add_argument("--accumulate", type=int, help="gradient accumulation steps (train.accumulate_grad_batches)")
+    g.add_argument("--num-workers", dest="num_workers", type=int, help="DataLoader workers (train.num_workers)")
 
 
 def _add_common(p: argparse.ArgumentParser, many: bool = True):
@@ -84,6 +104,38 @@ def cmd_eval(args):
     print(results_table(rows))
 
 
+def cmd_ablate(args):
+    from . import ablation
+    t0 = time.time()
+    grid = ablation.Grid(base=args.base, seeds=tuple(args.seeds), folder=args.folder,
+                         levels={"align": tuple(args.align), "vision": tuple(args.vision),
+                                 "language": tuple(args.language)},
+                         overrides=tuple(args.set))
+    print(f"ablation grid: {len(grid.cells())} runs ({' x '.join(str(len(v)) for v in grid.levels.values())}"
+          f" x {len(grid.seeds)} seeds), finished runs are reused")
+    table = ablation.run_grid(grid, jobs=args.jobs)
+    out = ablation.cell_config(grid, grid.cells()[0]).run_dir.parent
+    result = ablation.write_summary(table, grid, out)
+    eff = result["effects"]
+    if len(eff):
+        eff = eff.assign(verdict=eff.apply(ablation.verdict, axis=1))
+        print("\neffect of each axis (paired over seeds and the other axes; 95% interval)\n")
+        print(eff[["axis", "change", "benchmark", "verdict"]].to_string(index=False))
+        print("\nbeside the paper (single runs, other benchmarks and scale: compare directions only)\n")
+        print(result["side_by_side"].to_string(index=False))
+    print(f"\nresults in {out}/ (runs.csv, summary.csv, effects.csv, effects.png); wall time {time.time() - t0:.0f} s")
+
+
+def cmd_demo(args):
+    import os
+    from app.demo import launch, prepare
+    t0 = time.time()
+    run_dirs = prepare(args.configs or ["tiny", "tiny-noalign"], args.set)  # trains only what is not cached
+    print(f"variants ready in {time.time() - t0:.0f} s: {', '.join(map(str, run_dirs))}")
+    has_screen = sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    launch(run_dirs[0].parent, [d.name for d in run_dirs], args.port, open_browser=bool(has_screen))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["course"]:  # course tooling has its own parser: release | grade | run | strip
@@ -100,7 +152,28 @@ def main(argv: list[str] | None = None) -> int:
     ]:
         p = sub.add_parser(name, help=text, description=text)
         _add_common(p)
+        if name == "train":
+            _add_trainer_flags(p)
         p.set_defaults(fn=fn)
+    p = sub.add_parser("ablate", help="the paper's ablation grid at toy scale, with seeds and intervals",
+                       description="Train every cell of {stage 1 on, off} x {vision} x {LM} x seeds (cached, "
+                                   "resumable), then write mean, 95% interval and per-axis effects.")
+    p.add_argument("--base", default="tiny", help="preset the grid starts from (default: tiny)")
+    p.add_argument("--align", nargs="+", default=["on", "off"], choices=["on", "off"], help="stage 1 levels")
+    p.add_argument("--vision", nargs="+", default=["tiny", "small"], choices=["tiny", "small"], help="tower levels")
+    p.add_argument("--language", nargs="+", default=["tiny", "small"], choices=["tiny", "small"], help="LM levels")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of stages 1 and 2 (default: 0 1 2)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, one CPU thread each (2 suits a 2-core laptop; default: 1)")
+    p.add_argument("--folder", default="ablation", help="runs go to <runs_dir>/<folder>/ (default: ablation)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the base config, e.g. --set train.instruct.steps=600 (repeatable)")
+    p.set_defaults(fn=cmd_ablate)
+    text = "train the default variants unless cached, then serve the Gradio demo on 127.0.0.1"
+    p = sub.add_parser("demo", help=text, description=text + " (configs default: tiny tiny-noalign)")
+    _add_common(p)
+    p.add_argument("--port", type=int, default=7860, help="local port (default: 7860)")
+    p.set_defaults(fn=cmd_demo, configs=[])
     args = parser.parse_args(argv)
     try:
         args.fn(args)

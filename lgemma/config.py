@@ -25,6 +25,7 @@ class DataConfig:
     n_train: int = 6000
     n_heldout: int = 300
     n_compositional: int = 200
+    questions_per_image: int = 4    # question turns per training conversation (of 6 types + describe)
     caption_file: str = "captions.json"
     instruct_file: str = "instruct_train.json"
     eval_files: dict = field(default_factory=lambda: {
@@ -32,6 +33,7 @@ class DataConfig:
     image_folder: str = ""          # image paths in the json are relative to root/image_folder
     pad_to_square: bool = True      # LLaVA-1.5 `image_aspect_ratio: pad`
     max_length: int = 256           # longer samples are truncated (and counted, never dropped)
+    eval_max_questions: int = 0     # 0: every eval question; else a fixed random subset per split (slow LMs)
 
 
 @dataclass
@@ -59,7 +61,8 @@ class ConnectorConfig:
 @dataclass
 class LanguageConfig:
     """The language model. `name` is `tiny`/`small` (Gemma architecture trained from scratch in
-    stage 0) or a hub id / local folder of a Gemma checkpoint (the size fields are then unused)."""
+    stage 0), `gemma3-270m` (the real Gemma 3 270M, bundled as GGUF) or a hub id / local folder of
+    a Gemma checkpoint (the size fields are then unused)."""
     name: str = "tiny"
     hidden_size: int = 128
     layers: int = 4
@@ -80,11 +83,15 @@ class StageConfig:
     warmup_ratio: float = 0.03      # LLaVA: 3% warmup, then cosine
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    lm_train: str = "full"          # when lm_lr > 0: "full" (every LM weight) or "lora" (low-rank adapters)
+    lora_rank: int = 16
 
 
 @dataclass
 class Stage0Config:
-    """Unimodal pretraining of the tiny towers (LLaVA assumes both come pretrained)."""
+    """Unimodal pretraining of the tiny towers (LLaVA assumes both come pretrained). Its own
+    seed: variants that differ only in `train.seed` share one stage 0, as LLaVA runs share CLIP."""
+    seed: int = 0
     clip_steps: int = 200
     clip_batch_size: int = 128
     clip_lr: float = 1e-3
@@ -101,11 +108,12 @@ class TrainConfig:
     instruct: StageConfig = field(default_factory=lambda: StageConfig(steps=800, lr=2e-3, lm_lr=2e-3))
     stage0: Stage0Config = field(default_factory=Stage0Config)
     cache_features: bool = True     # frozen tower: compute its features once
-    precision: str = "32-true"
-    strategy: str = "auto"
+    # Lightning's Trainer settings. Global batch = stage batch_size x devices x accumulate_grad_batches.
+    precision: str = "32-true"      # "bf16-mixed" on GPUs (and CPUs with bf16 support)
+    strategy: str = "auto"          # "ddp", "fsdp", "deepspeed_stage_2" (needs `pip install deepspeed`), ...
     devices: int | str = 1
     accumulate_grad_batches: int = 1
-    num_workers: int = 0
+    num_workers: int = 0            # DataLoader workers (image decoding, at paper scale)
 
 
 @dataclass
@@ -177,14 +185,23 @@ def _tiny_noalign() -> Config:
     return c
 
 
+def small_vision() -> VisionConfig:
+    """The `small` tiny-world tower: the paper's "stronger vision backbone" axis."""
+    return VisionConfig(name="small", width=192, layers=6, heads=6, embed_dim=192)
+
+
+def small_language() -> LanguageConfig:
+    """The `small` tiny-world Gemma: the paper's 2B -> 7B axis."""
+    return LanguageConfig(name="small", hidden_size=192, layers=6, heads=6, kv_heads=1, intermediate_size=768)
+
+
 def _small_vision(c: Config) -> Config:
-    c.vision = VisionConfig(name="small", width=192, layers=6, heads=6, embed_dim=192)
+    c.vision = small_vision()
     return c
 
 
 def _small_lm(c: Config) -> Config:
-    c.language = LanguageConfig(name="small", hidden_size=192, layers=6, heads=6, kv_heads=1,
-                                intermediate_size=768)
+    c.language = small_language()
     return c
 
 
@@ -193,12 +210,72 @@ def _renamed(c: Config, name: str, skip_align: bool = False) -> Config:
     return c
 
 
+def _gemma3_270m() -> Config:
+    """The tiny ViT with the real, pretrained Gemma 3 270M (bundled GGUF). A 270M LM on a 2-core
+    CPU is ~70x slower per sample than the tiny one, so: bf16 autocast, a short stage 1, and a
+    short stage 2 that trains LoRA adapters (not the 168M-parameter embedding), and evaluation
+    on a fixed subset of 200 questions per split."""
+    c = _tiny()
+    c.name = "gemma3-270m"
+    c.language = LanguageConfig(name="gemma3-270m")
+    c.data.eval_max_questions = 200
+    c.train.precision = "bf16-mixed"
+    c.train.align = StageConfig(steps=30, batch_size=16, lr=1e-3)
+    c.train.instruct = StageConfig(steps=100, batch_size=8, lr=1e-3, lm_lr=5e-4, lm_train="lora", lora_rank=16)
+    return c
+
+
+# LLaVA-1.5's recipe (Liu et al. 2023; LLaVA-Gemma kept it): stage 1 trains the connector
+# (lr 1e-3, global batch 256, 1 epoch of the 558K captions), stage 2 the connector and LM
+# (lr 2e-5, global batch 128, 1 epoch of the 665K instruct mix); cosine with 3% warmup; bf16.
+LLAVA_PRETRAIN_RECORDS, LLAVA_INSTRUCT_RECORDS = 558_128, 665_298
+
+
+def _paper(name: str, lm: str, vision: str, skip_align: bool = False) -> Config:
+    """A paper-scale preset: 8 GPUs x per-device batch 32 (stage 1) / 16 (stage 2) gives LLaVA's
+    global batch; on fewer GPUs raise `train.accumulate_grad_batches` to keep it."""
+    devices = 8
+    if vision == "clip":
+        # OpenAI's CLIP ViT-L/14 at 336 px, 24x24 = 576 patch tokens. open_clip's plain `ViT-L-14-336`
+        # would use GELU, but OpenAI trained with QuickGELU: the `-quickgelu` config matches the weights.
+        v = VisionConfig(name="ViT-L-14-336-quickgelu", pretrained="openai")
+    else:  # DINOv2-L at the same 336 px: 24x24 patches of 14 px, the same 576 tokens as CLIP
+        v = VisionConfig(name="dinov2:facebook/dinov2-large", image_size=336, patch_size=14)
+    steps = lambda records, batch: -(-records // batch)  # one epoch  # noqa: E731
+    return Config(
+        name=name,
+        data=DataConfig(kind="llava", root="data/llava", caption_file="blip_laion_cc_sbu_558k.json",
+                        instruct_file="llava_v1_5_mix665k.json", image_folder="images", eval_files={},
+                        pad_to_square=True, max_length=2048),
+        vision=v,
+        connector=ConnectorConfig(kind="mlp2x_gelu"),
+        language=LanguageConfig(name=lm),
+        train=TrainConfig(
+            skip_align=skip_align,
+            align=StageConfig(steps=steps(LLAVA_PRETRAIN_RECORDS, 256), batch_size=256 // devices, lr=1e-3),
+            instruct=StageConfig(steps=steps(LLAVA_INSTRUCT_RECORDS, 128), batch_size=128 // devices, lr=2e-5,
+                                 lm_lr=2e-5),
+            cache_features=False,   # 558K x 576 x 1024 features would not fit anywhere
+            precision="bf16-mixed", devices=devices, num_workers=4,
+            # 2B: data parallel fits an 80 GB GPU; 7B (~34 GB of fp32 weights, x4 with Adam): shard it.
+            # find_unused_parameters: the 665K mix has text-only samples, and a batch of only those
+            # leaves the connector without gradients, which plain ddp treats as an error.
+            strategy="fsdp" if "7b" in lm else "ddp_find_unused_parameters_true"),
+    )
+
+
 PRESETS = {
     "tiny": _tiny,
     "tiny-noalign": _tiny_noalign,
     "tiny-vsmall": lambda: _renamed(_small_vision(_tiny()), "tiny-vsmall"),
     "tiny-lmsmall": lambda: _renamed(_small_lm(_tiny()), "tiny-lmsmall"),
     "small": lambda: _renamed(_small_lm(_small_vision(_tiny())), "small"),
+    "gemma3-270m": _gemma3_270m,
+    "paper-2b-clip": lambda: _paper("paper-2b-clip", "google/gemma-2b-it", "clip"),
+    "paper-2b-clip-noalign": lambda: _paper("paper-2b-clip-noalign", "google/gemma-2b-it", "clip", skip_align=True),
+    "paper-7b-clip": lambda: _paper("paper-7b-clip", "google/gemma-7b-it", "clip"),
+    "paper-2b-dinov2": lambda: _paper("paper-2b-dinov2", "google/gemma-2b-it", "dinov2"),
+    "paper-7b-dinov2": lambda: _paper("paper-7b-dinov2", "google/gemma-7b-it", "dinov2"),
 }
 
 

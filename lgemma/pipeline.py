@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import Config, load_config
 from .data.collate import LlavaDataset
 from .data.llava_json import load_image, load_records
-from .language import IMAGE_TOKEN, TINY_LMS, load_language_model
+from .language import IMAGE_TOKEN, TINY_LMS, add_lora, load_language_model
 from .model import LlavaGemma
 from .vision import TINY_TOWERS, build_vision_tower
 
@@ -45,6 +45,10 @@ def apply_fast(cfg: Config) -> Config:
     t.stage0.clip_steps, t.stage0.lm_steps, t.stage0.clip_batch_size = 20, 20, 64
     t.align.steps, t.instruct.steps = 10, 20
     t.align.batch_size = t.instruct.batch_size = 16
+    if cfg.language.name not in TINY_LMS:  # a real LM (gemma3-270m) is ~70x slower per sample on a CPU
+        t.align.steps, t.instruct.steps, t.align.batch_size, t.instruct.batch_size = 1, 2, 4, 4
+        d.eval_files = {k: v for k, v in d.eval_files.items() if k == "heldout"} or d.eval_files
+        d.eval_max_questions = 8
     cfg.runs_dir = cfg.runs_dir.rstrip("/") + "-fast"
     return cfg
 
@@ -93,7 +97,8 @@ def ensure_data(cfg: Config, progress: bool = True) -> Path:
         from .data.shapes import generate
         d = cfg.data
         summary = generate(root, seed=d.seed, n_train=d.n_train, n_heldout=d.n_heldout,
-                           n_compositional=d.n_compositional, image_size=d.image_size, progress=progress)
+                           n_compositional=d.n_compositional, image_size=d.image_size,
+                           questions_per_image=d.questions_per_image, progress=progress)
         marker.write_text(json.dumps(summary, indent=2))
     return root
 
@@ -104,6 +109,18 @@ def records(cfg: Config, which: str) -> list[dict]:
     if which not in files:
         raise KeyError(f"unknown record set {which!r}; known: {sorted(files)}")
     return load_records(Path(cfg.data.root) / files[which])
+
+
+def eval_records(cfg: Config) -> dict[str, list[dict]]:
+    """Every eval split's records; with `data.eval_max_questions` a fixed random subset of each
+    (seeded, in file order), so that slow LMs are evaluated in minutes on the same questions."""
+    import random
+    out = {k: records(cfg, k) for k in cfg.data.eval_files}
+    limit = cfg.data.eval_max_questions
+    if limit:
+        out = {k: [v[i] for i in sorted(random.Random(cfg.data.seed).sample(range(len(v)), min(limit, len(v))))]
+               for k, v in out.items()}
+    return out
 
 
 class ImageSource:
@@ -121,13 +138,21 @@ class ImageSource:
         return f if f is not None else self.pixels(rec)
 
     @torch.no_grad()
-    def cache(self, recs: list[dict], batch_size: int = 256, progress: bool = True) -> None:
-        """Run the frozen tower once over every image of `recs`."""
+    def cache(self, recs: list[dict], batch_size: int = 256, progress: bool = True, store: Path | None = None) -> None:
+        """Run the frozen tower once over every image of `recs`. With `store` (a safetensors
+        file), features computed before are read from it and new ones added to it, so runs
+        that share a frozen tower (the ablation grid, the demo) compute them only once."""
+        if store is not None and store.exists() and not self.features:
+            self.features.update(load_file(str(store)))
         todo = sorted({r["image"]: r for r in recs if "image" in r and r["image"] not in self.features}.items())
         for i in tqdm(range(0, len(todo), batch_size), desc="vision features", disable=not progress, leave=False):
             chunk = todo[i:i + batch_size]
             feats = self.tower(torch.stack([self.pixels(r) for _, r in chunk]))
             self.features.update({k: f.clone() for (k, _), f in zip(chunk, feats)})
+        if store is not None and todo:
+            tmp = store.with_suffix(f".tmp{os.getpid()}")
+            save_file({k: v.contiguous() for k, v in self.features.items()}, str(tmp))
+            os.replace(tmp, store)  # atomic: a reader never sees half a file
 
 
 # ---------------------------------------------------------------- stage 0
@@ -138,7 +163,9 @@ def _hash(*parts) -> str:
 def stage0_dirs(cfg: Config) -> tuple[Path, Path]:
     """Folders of the stage-0 vision tower and LM; the hash covers everything they depend on."""
     d, s0, base = cfg.data, cfg.train.stage0, Path(cfg.runs_dir) / "stage0"
-    data_key = (Path(d.root).name, d.seed, d.n_train, d.image_size, cfg.train.seed)  # not where it lives
+    data_key = (Path(d.root).name, d.seed, d.n_train, d.image_size, s0.seed)  # not where it lives
+    if d.questions_per_image != 4:  # (appended only when changed, so older cache keys stay valid)
+        data_key += (d.questions_per_image,)
     vision = base / f"vision-{cfg.vision.name}-{_hash(data_key, vars(cfg.vision), s0.clip_steps, s0.clip_batch_size, s0.clip_lr)}"
     lm = base / f"lm-{cfg.language.name}-{_hash(data_key, vars(cfg.language), s0.lm_steps, s0.lm_batch_size, s0.lm_lr, d.max_length)}"
     return vision, lm
@@ -158,12 +185,23 @@ def ensure_stage0(cfg: Config, progress: bool = True) -> tuple[Path | None, Path
         info = unimodal.pretrain_vision(cfg, records(cfg, "captions"), src.pixels,
                                         records(cfg, next(iter(cfg.data.eval_files)))[::4], vision_dir)
         print(f"stage 0: vision done in {info['seconds']} s, held-out retrieval top-1 {info['heldout_retrieval_top1']}")
+        for stale in vision_dir.glob("features-*.safetensors"):  # features of an earlier tower
+            stale.unlink()
     if cfg.language.name in TINY_LMS and not (lm_dir / "info.json").exists():
         print(f"stage 0: pretraining the {cfg.language.name} Gemma on ShapesWorld text -> {lm_dir}")
         info = unimodal.pretrain_language(cfg, records(cfg, "captions"), records(cfg, "instruct"), lm_dir)
         print(f"stage 0: LM done in {info['seconds']} s ({info['parameters']:,} parameters)")
     return (clip_file if cfg.vision.name in TINY_TOWERS else None,
             lm_dir if cfg.language.name in TINY_LMS else None)
+
+
+def feature_store(cfg: Config) -> Path | None:
+    """Where the frozen features of a stage-0 tower on this dataset are kept (None for towers
+    that come pretrained from elsewhere: their features are recomputed per run)."""
+    if cfg.vision.name not in TINY_TOWERS or cfg.data.kind != "shapes":
+        return None
+    vision_dir, _ = stage0_dirs(cfg)
+    return vision_dir / f"features-{Path(cfg.data.root).name}.safetensors"
 
 
 # ---------------------------------------------------------------- model
@@ -175,6 +213,8 @@ def build_model(cfg: Config, progress: bool = True) -> tuple[LlavaGemma, object]
     lm, tokenizer = load_language_model(cfg.language, lm_dir)
     torch.manual_seed(cfg.train.seed)
     model = LlavaGemma(tower, lm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), cfg.connector.kind)
+    if cfg.train.instruct.lm_train == "lora":  # no-op adapters until stage 2 trains them
+        add_lora(model.lm, cfg.train.instruct.lora_rank)
     return model, tokenizer
 
 
@@ -188,7 +228,10 @@ def load_variant(run_dir: str | Path) -> tuple[LlavaGemma, object, Config]:
     cfg.runs_dir = str(run_dir.parent)
     cfg.data.root = resolve_home(copy.deepcopy(cfg)).data.root
     model, tokenizer = build_model(cfg, progress=False)
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors")), strict=False)
+    unexpected = model.load_state_dict(load_file(str(run_dir / "model.safetensors")), strict=False).unexpected_keys
+    if unexpected:  # the file holds only trained weights (missing keys are normal), but none may be left over
+        raise ValueError(f"{run_dir / 'model.safetensors'} holds weights this config's model lacks "
+                         f"({', '.join(unexpected[:3])}, ...): was config.yaml edited?")
     return model.eval(), tokenizer, cfg
 
 
@@ -196,7 +239,7 @@ def load_variant(run_dir: str | Path) -> tuple[LlavaGemma, object, Config]:
 def train_variant(cfg: Config, progress: bool = True, evaluate: bool = True, trainer_kwargs: dict | None = None) -> dict:
     """Stage 1 (unless `skip_align`), stage 2, then evaluation; every step cached in `cfg.run_dir`.
     Returns the metrics (also written to `metrics.json`)."""
-    from .training import train_stage
+    from .training import global_rank, train_stage, trainer_settings
     run = cfg.run_dir
     check_run_config(cfg)
     if (run / "metrics.json").exists() and (run / "model.safetensors").exists():
@@ -206,19 +249,23 @@ def train_variant(cfg: Config, progress: bool = True, evaluate: bool = True, tra
     model, tokenizer = build_model(cfg, progress)
     source = ImageSource(cfg, model.vision)
     cap, ins = records(cfg, "captions"), records(cfg, "instruct")
-    evals = {k: records(cfg, k) for k in cfg.data.eval_files}
+    evals = eval_records(cfg)
     if cfg.train.cache_features:
-        source.cache(cap + ins + [r for v in evals.values() for r in v], progress=progress)
+        source.cache(cap + ins + [r for v in evals.values() for r in v], progress=progress, store=feature_store(cfg))
     n = model.num_image_tokens
     seconds = {}
+    trainer_kwargs = {**trainer_settings(cfg.train), **(trainer_kwargs or {})}  # strategy, devices, precision, ...
+    stage_kwargs = dict(seed=cfg.train.seed, trainer_kwargs=trainer_kwargs, num_workers=cfg.train.num_workers)
     if not cfg.train.skip_align:
         ds = LlavaDataset(cap, tokenizer, n, source, cfg.data.max_length, "captions")
-        info = train_stage(model, "align", cfg.train.align, ds, run / "align", cfg.train.seed, trainer_kwargs)
+        info = train_stage(model, "align", cfg.train.align, ds, run / "align", **stage_kwargs)
         seconds["align"] = info["seconds"]
     ds = LlavaDataset(ins, tokenizer, n, source, cfg.data.max_length, "instruct")
-    info = train_stage(model, "instruct", cfg.train.instruct, ds, run / "instruct", cfg.train.seed, trainer_kwargs)
+    info = train_stage(model, "instruct", cfg.train.instruct, ds, run / "instruct", **stage_kwargs)
     seconds["instruct"] = info["seconds"]
     seconds["total"] = round(sum(seconds.values()), 1)
+    if global_rank() != 0:  # ddp/fsdp: the other ranks only helped train; rank 0 writes and evaluates
+        return {"variant": cfg.name, "train_seconds": seconds, "global_rank": global_rank()}
     shutil.copyfile(run / "instruct" / "trained.safetensors", run / "model.safetensors")
     metrics = {"variant": cfg.name, "train_seconds": seconds,
                "truncated_samples": info["truncated_samples"]}
@@ -235,6 +282,10 @@ def check_run_config(cfg: Config) -> None:
         return
     import yaml
     old, new = yaml.safe_load(saved.read_text()), cfg.to_dict()
+    try:  # fields added to lgemma since that run take their defaults (which keep the old behaviour)
+        old = Config.from_dict(old).to_dict()
+    except (TypeError, ValueError):
+        pass
     for d in (old, new):  # where the folders live is not part of what was trained
         d.pop("runs_dir", None)
         d["data"]["root"] = str((Path(os.environ.get("LGEMMA_HOME", ".")) / d["data"]["root"]).resolve())
@@ -257,7 +308,7 @@ def evaluate_variant(model, tokenizer, cfg: Config, source=None, evals=None, pro
     """Held-out and compositional scores, seeing and blind, flattened for metrics.json."""
     from .evaluation import evaluate
     source = source or ImageSource(cfg, model.vision)
-    evals = evals or {k: records(cfg, k) for k in cfg.data.eval_files}
+    evals = evals or eval_records(cfg)
     t0 = time.time()
     res = evaluate(model, tokenizer, evals, source, progress=progress)
     main = res.get("heldout", next(iter(res.values())))

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import get_cosine_schedule_with_warmup
 
-from .config import StageConfig
+from .config import StageConfig, TrainConfig
 from .data.collate import LlavaDataset, collate
 from .model import LlavaGemma
 
@@ -42,12 +42,21 @@ def quiet_lightning() -> None:
 
 
 def set_trainable(model: LlavaGemma, stage: str, cfg: StageConfig) -> None:
-    """Freeze/unfreeze by stage: the vision tower never trains; the LM trains iff lm_lr > 0."""
+    """Freeze/unfreeze by stage: the vision tower never trains; the LM trains iff lm_lr > 0,
+    either every weight (`lm_train: full`) or only its LoRA adapters (`lm_train: lora`)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; use one of {STAGES}")
+    if cfg.lm_train not in ("full", "lora"):
+        raise ValueError(f"unknown lm_train {cfg.lm_train!r}; use 'full' or 'lora'")
     model.vision.requires_grad_(False)
     model.connector.requires_grad_(True)
-    model.lm.requires_grad_(stage == "instruct" and cfg.lm_lr > 0)
+    lm_trains = stage == "instruct" and cfg.lm_lr > 0
+    has_lora = any("lora_" in k for k, _ in model.lm.named_parameters())
+    if lm_trains and cfg.lm_train == "lora" and not has_lora:
+        raise ValueError("lm_train is 'lora' but the LM has no LoRA adapters: build it with "
+                         "lgemma.pipeline.build_model (which adds them) or lgemma.language.add_lora")
+    for k, p in model.lm.named_parameters():
+        p.requires_grad_(lm_trains and (cfg.lm_train == "full" or "lora_" in k))
 
 
 def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -88,6 +97,20 @@ class LlavaModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
 
+def trainer_settings(cfg: TrainConfig) -> dict:
+    """The run config's Lightning settings as `Trainer` keyword arguments."""
+    return dict(precision=cfg.precision, strategy=cfg.strategy, devices=cfg.devices,
+                accumulate_grad_batches=cfg.accumulate_grad_batches)
+
+
+def global_rank() -> int:
+    """This process's rank in a multi-process (ddp, fsdp) run; 0 otherwise. Lightning's launcher
+    starts ranks > 0 by re-running the same command, so the pipeline asks this to leave the files
+    (weights, metrics) to rank 0."""
+    from lightning.pytorch.utilities import rank_zero_only
+    return getattr(rank_zero_only, "rank", 0)
+
+
 def make_loader(dataset: LlavaDataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0):
     pad = dataset.tokenizer.pad_token_id
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
@@ -96,8 +119,11 @@ def make_loader(dataset: LlavaDataset, batch_size: int, shuffle: bool, num_worke
 
 
 def train_stage(model: LlavaGemma, stage: str, stage_cfg: StageConfig, dataset: LlavaDataset, out_dir: str | Path,
-                seed: int = 0, trainer_kwargs: dict | None = None, callbacks=(), checkpoint_every: int = 100) -> dict:
-    """Train one stage; resumable. Writes into `out_dir`:
+                seed: int = 0, trainer_kwargs: dict | None = None, callbacks=(), checkpoint_every: int = 100,
+                num_workers: int = 0) -> dict:
+    """Train one stage; resumable. `trainer_kwargs` go to Lightning's `Trainer` (e.g.
+    `trainer_settings(cfg.train)`: strategy, devices, precision, accumulate_grad_batches).
+    Writes into `out_dir`:
     `trained.safetensors` (only trained weights), `logs/` (CSV), `ckpt/last.ckpt` (for resume)
     and `done.json` (seconds, steps, final loss). A finished stage is loaded, not retrained."""
     out = Path(out_dir)
@@ -117,7 +143,7 @@ def train_stage(model: LlavaGemma, stage: str, stage_cfg: StageConfig, dataset: 
                   limit_val_batches=0, accelerator="auto", devices=1)
     kwargs.update(trainer_kwargs or {})
     trainer = L.Trainer(**kwargs)
-    loader = make_loader(dataset, stage_cfg.batch_size, shuffle=True, seed=seed)
+    loader = make_loader(dataset, stage_cfg.batch_size, shuffle=True, num_workers=num_workers, seed=seed)
     last = out / "ckpt" / "last.ckpt"
     resuming = last.exists()
     t0 = time.time()
@@ -127,7 +153,10 @@ def train_stage(model: LlavaGemma, stage: str, stage_cfg: StageConfig, dataset: 
                            f"run again to resume from {last}")
     info = {"stage": stage, "steps": trainer.global_step, "seconds": round(time.time() - t0, 1),
             "final_loss": float(trainer.callback_metrics.get("train_loss", float("nan"))),
-            "resumed": resuming, "truncated_samples": len(dataset.truncated)}
+            "resumed": resuming, "truncated_samples": len(dataset.truncated),
+            "strategy": type(trainer.strategy).__name__, "world_size": trainer.world_size,
+            "precision": str(trainer.precision),
+            "accumulate_grad_batches": trainer.accumulate_grad_batches}
     if trainer.is_global_zero:
         save_file(trained_state(model), str(out / "trained.safetensors"))
         done.write_text(json.dumps(info, indent=2))

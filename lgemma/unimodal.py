@@ -82,7 +82,7 @@ def pretrain_vision(cfg: Config, records: list[dict], load_image, heldout: list[
     `load_image(record) -> [3,S,S]` tensor. Reports held-out image->caption retrieval accuracy."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.train.seed, verbose=False)
+    L.seed_everything(cfg.train.stage0.seed, verbose=False)
     s0 = cfg.train.stage0
     tok = open_clip.tokenizer.SimpleTokenizer(context_length=CLIP_CONTEXT_LENGTH)
     captions = [turns(r)[0][1] for r in records]
@@ -91,7 +91,7 @@ def pretrain_vision(cfg: Config, records: list[dict], load_image, heldout: list[
     clip = build_tiny_clip(cfg.vision)
     t0 = time.time()
     loader = DataLoader(data, batch_size=s0.clip_batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(cfg.train.seed))
+                        generator=torch.Generator().manual_seed(cfg.train.stage0.seed))
     _trainer(out, s0.clip_steps, gradient_clip_val=1.0).fit(ClipModule(clip, s0.clip_lr, s0.clip_steps), loader)
     info = {"seconds": round(time.time() - t0, 1), "steps": s0.clip_steps,
             "heldout_retrieval_top1": clip_retrieval(clip, tok, heldout, load_image)}
@@ -135,7 +135,7 @@ def pretrain_language(cfg: Config, caption_records: list[dict], instruct_records
     """Train the tokenizer and the tiny Gemma on ShapesWorld text; save a transformers folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.train.seed, verbose=False)
+    L.seed_everything(cfg.train.stage0.seed, verbose=False)
     s0 = cfg.train.stage0
     convs = lm_texts(caption_records, instruct_records)
     corpus = [q + "\n" + a for c in convs for q, a in c]
@@ -147,7 +147,7 @@ def pretrain_language(cfg: Config, caption_records: list[dict], instruct_records
     pad = tokenizer.pad_token_id
     t0 = time.time()
     loader = DataLoader(items, batch_size=s0.lm_batch_size, shuffle=True, collate_fn=lambda b: collate(b, pad),
-                        generator=torch.Generator().manual_seed(cfg.train.seed))
+                        generator=torch.Generator().manual_seed(cfg.train.stage0.seed))
     _trainer(out, s0.lm_steps, gradient_clip_val=1.0).fit(TextLMModule(lm, s0.lm_lr, s0.lm_steps), loader)
     lm.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -327,3 +327,10 @@ def test_train_instructions_and_captions(dataset):
         assert c["image"] == f"images/train/{c['id']}.png"
         assert c["conversations"][1]["value"] == expected_answer("Describe the image.", scenes[c["id"]], 64)
     assert orders[True] and orders[False]  # both "<image>\nQ" and "Q\n<image>"
+
+
+def test_questions_per_image_sets_the_turns_of_each_training_conversation(tmp_path):
+    S.generate(tmp_path, seed=3, n_train=30, n_heldout=2, n_compositional=2, questions_per_image=6, progress=False)
+    convs = [r["conversations"] for r in json.loads((tmp_path / "instruct_train.json").read_text())]
+    assert all(len(c) == 12 for c in convs)                      # 6 question/answer pairs each
+    assert all(len({t["value"] for t in c[::2]}) == 6 for c in convs)  # never the same question twice

@@ -400,6 +400,7 @@ def generate(
     n_heldout: int = 300,
     n_compositional: int = 200,
     image_size: int = 64,
+    questions_per_image: int = 4,
     progress: bool = True,
 ) -> dict:
     """Write a full ShapesWorld dataset to out_dir and return a summary dict.
@@ -461,7 +462,7 @@ def generate(
     qrng = question_rngs["train"]
     for image_id, scene in scenes["train"]:
         conv = []
-        for j, q in enumerate(_pick_train_questions(scene, qrng, popular)):
+        for j, q in enumerate(_pick_train_questions(scene, qrng, popular, k=questions_per_image)):
             conv.append({"from": "human", "value": ("<image>\n" if j == 0 else "") + q["question"]})
             conv.append({"from": "gpt", "value": q["answer"]})
             counts[q["type"]] += 1
