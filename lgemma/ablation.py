@@ -17,6 +17,7 @@ import copy
 import itertools
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,12 +181,10 @@ def mean_ci(values, confidence: float = 0.95) -> dict:
     """Mean and two-sided Student-t confidence interval of independent values.
     With one value the interval is undefined (nan): one run says nothing about noise."""
     x = [float(v) for v in values]
-    n = len(x)
-    mean = sum(x) / n
+    n, mean = len(x), statistics.fmean(x)
     if n < 2:
         return {"mean": mean, "lo": math.nan, "hi": math.nan, "n": n}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1))
-    half = stats.t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
+    half = stats.t.ppf((1 + confidence) / 2, n - 1) * statistics.stdev(x) / math.sqrt(n)
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
 
 
