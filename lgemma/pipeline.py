@@ -71,8 +71,24 @@ def get_config(name_or_path: str, overrides: list[str] = ()) -> Config:
                 raise ValueError(f"override {item!r}: {type(node).__name__} has no field {p!r}")
             if i < len(path):
                 node = getattr(node, p)
-        setattr(node, last, yaml.safe_load(value))
+        setattr(node, last, _typed(item, node, last, yaml.safe_load(value)))
     return resolve_home(cfg)
+
+
+def _typed(item: str, node, field: str, new):
+    """An override's value in its field's declared type: YAML reads `1e-3` as a string and `2`
+    as an int, but a learning rate is a float. Raises on a value of the wrong kind."""
+    kind = str(type(node).__dataclass_fields__[field].type)  # "float", "int", "bool", "int | str", ...
+    try:
+        if kind == "float" and not isinstance(new, bool):
+            return float(new)
+        if kind == "int" and not isinstance(new, bool) and float(new) == int(float(new)):
+            return int(float(new))
+    except (TypeError, ValueError):
+        pass
+    if kind in ("float", "int") or (kind == "bool" and not isinstance(new, bool)):
+        raise ValueError(f"override {item!r}: {field} must be {'an' if kind == 'int' else 'a'} {kind}, got {new!r}")
+    return new
 
 
 def resolve_home(cfg: Config) -> Config:
@@ -123,6 +139,13 @@ def eval_records(cfg: Config) -> dict[str, list[dict]]:
     return out
 
 
+def heldout_captions(cfg: Config) -> list[dict]:
+    """Captions of held-out images (ShapesWorld writes them) for stage 0's retrieval check; for
+    other data, the first 500 training captions (then it measures fit, not generalization)."""
+    path = Path(cfg.data.root) / "captions_heldout.json"
+    return load_records(path) if path.exists() else records(cfg, "captions")[:500]
+
+
 class ImageSource:
     """record -> pixels [3,S,S] (or, once `cache` ran, the frozen tower's features [N,Dv])."""
 
@@ -171,23 +194,22 @@ def stage0_dirs(cfg: Config) -> tuple[Path, Path]:
     return vision, lm
 
 
-def ensure_stage0(cfg: Config, progress: bool = True) -> tuple[Path | None, Path | None]:
-    """Train the tiny vision tower and/or tiny LM unless cached. Returns (clip weights, LM folder);
-    None for parts that come pretrained from elsewhere."""
+def ensure_stage0(cfg: Config, progress: bool = True, parts=("vision", "language")) -> tuple[Path | None, Path | None]:
+    """Train the tiny vision tower and/or tiny LM unless cached (only those in `parts`).
+    Returns (clip weights, LM folder); None for parts that come pretrained from elsewhere."""
     from . import unimodal
     ensure_data(cfg, progress)
     vision_dir, lm_dir = stage0_dirs(cfg)
     clip_file = vision_dir / "clip.safetensors"
-    if cfg.vision.name in TINY_TOWERS and not clip_file.exists():
+    if "vision" in parts and cfg.vision.name in TINY_TOWERS and not clip_file.exists():
         tower = build_vision_tower(cfg.vision)
         src = ImageSource(cfg, tower)
         print(f"stage 0: contrastive pretraining of the {cfg.vision.name} CLIP -> {vision_dir}")
-        info = unimodal.pretrain_vision(cfg, records(cfg, "captions"), src.pixels,
-                                        records(cfg, next(iter(cfg.data.eval_files)))[::4], vision_dir)
+        info = unimodal.pretrain_vision(cfg, records(cfg, "captions"), src.pixels, heldout_captions(cfg), vision_dir)
         print(f"stage 0: vision done in {info['seconds']} s, held-out retrieval top-1 {info['heldout_retrieval_top1']}")
         for stale in vision_dir.glob("features-*.safetensors"):  # features of an earlier tower
             stale.unlink()
-    if cfg.language.name in TINY_LMS and not (lm_dir / "info.json").exists():
+    if "language" in parts and cfg.language.name in TINY_LMS and not (lm_dir / "info.json").exists():
         print(f"stage 0: pretraining the {cfg.language.name} Gemma on ShapesWorld text -> {lm_dir}")
         info = unimodal.pretrain_language(cfg, records(cfg, "captions"), records(cfg, "instruct"), lm_dir)
         print(f"stage 0: LM done in {info['seconds']} s ({info['parameters']:,} parameters)")

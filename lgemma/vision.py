@@ -3,7 +3,7 @@
 LLaVA's choice, kept here for every backbone: take the hidden states of the *penultimate*
 transformer layer (`feature_layer=-2`) and drop the CLS token, so the LM receives one
 vector per image patch. The grid shape (`tower.grid`) is derived from the tower, never
-hard-coded: 6x6 for `tiny`, 24x24 for ViT-L/14 at 336 px.
+hard-coded: 8x8 for `tiny`, 24x24 for ViT-L/14 at 336 px.
 """
 from __future__ import annotations
 

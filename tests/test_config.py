@@ -35,6 +35,19 @@ def test_overrides(monkeypatch):
         get_config("tiny", ["train.instruct.lr"])
 
 
+def test_overrides_take_the_field_type(monkeypatch):
+    """YAML reads 1e-3 as a string; a learning rate must still come out a float."""
+    monkeypatch.delenv("LGEMMA_FAST", raising=False)
+    cfg = get_config("tiny", ["train.instruct.lm_lr=1e-3", "train.instruct.steps=4e2", "train.devices=auto"])
+    assert cfg.train.instruct.lm_lr == 0.001 and isinstance(cfg.train.instruct.lm_lr, float)
+    assert cfg.train.instruct.steps == 400 and isinstance(cfg.train.instruct.steps, int)
+    assert cfg.train.devices == "auto"
+    for bad, message in [("train.instruct.steps=abc", "steps must be an int"), ("train.instruct.steps=2.5", "an int"),
+                         ("train.instruct.lr=fast", "lr must be a float"), ("train.skip_align=3", "must be a bool")]:
+        with pytest.raises(ValueError, match=message):
+            get_config("tiny", [bad])
+
+
 def test_override_beats_fast_mode_and_bad_sections_are_clear(monkeypatch):
     monkeypatch.setenv("LGEMMA_FAST", "1")
     assert get_config("tiny", ["train.instruct.steps=7"]).train.instruct.steps == 7

@@ -327,6 +327,10 @@ def test_train_instructions_and_captions(dataset):
         assert c["image"] == f"images/train/{c['id']}.png"
         assert c["conversations"][1]["value"] == expected_answer("Describe the image.", scenes[c["id"]], 64)
     assert orders[True] and orders[False]  # both "<image>\nQ" and "Q\n<image>"
+    heldout = read(out, "captions_heldout.json")  # stage 0's retrieval check: captions of unseen images
+    assert [c["image"] for c in heldout] == [f"images/heldout/heldout_{i:06d}.png" for i in range(30)]
+    for c in heldout:
+        assert c["conversations"][1]["value"] == expected_answer("Describe the image.", scenes[c["id"]], 64)
 
 
 def test_questions_per_image_sets_the_turns_of_each_training_conversation(tmp_path):

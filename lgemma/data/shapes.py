@@ -406,7 +406,8 @@ def generate(
     """Write a full ShapesWorld dataset to out_dir and return a summary dict.
 
     Files: images/{train,heldout,compositional}/*.png, captions.json (stage 1, 558K
-    format), instruct_train.json (stage 2, 665K format), instruct_heldout.json and
+    format), captions_heldout.json (the held-out images' captions, for stage 0's retrieval
+    check), instruct_train.json (stage 2, 665K format), instruct_heldout.json and
     instruct_compositional.json (one question per record), scenes.json, text_corpus.txt.
     The same seed always gives byte-identical files.
     """
@@ -444,18 +445,22 @@ def generate(
                "popular": [f"{c} {s}" for c, s in popular]}
 
     # Stage 1: one caption per train image, prompt before or after <image> like LLaVA's files.
+    # (Held-out images get captions too, to measure the stage-0 tower's retrieval.)
     text_rng = random.Random(question_rngs["train"].getrandbits(64))
-    captions, corpus = [], []
-    for image_id, scene in scenes["train"]:
-        caption = describe(scene)
-        prompt = text_rng.choice(CAPTION_PROMPTS)
-        human = "<image>\n" + prompt if text_rng.random() < 0.5 else prompt + "\n<image>"
-        captions.append({
-            "id": image_id,
-            "image": f"images/train/{image_id}.png",
-            "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
-        })
-        corpus.append(caption)
+    captions, corpus = {}, []
+    for name in ("train", "heldout"):
+        captions[name] = []
+        for image_id, scene in scenes[name]:
+            text = describe(scene)
+            prompt = text_rng.choice(CAPTION_PROMPTS)
+            human = "<image>\n" + prompt if text_rng.random() < 0.5 else prompt + "\n<image>"
+            captions[name].append({
+                "id": image_id,
+                "image": f"images/{name}/{image_id}.png",
+                "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": text}],
+            })
+            if name == "train":
+                corpus.append(text)
 
     # Stage 2: one multi-turn conversation per train image.
     instruct, counts = [], Counter()
@@ -495,7 +500,8 @@ def generate(
         evals[name] = records
         summary["questions"][name] = dict(sorted(counts.items()))
 
-    _dump(captions, out / "captions.json")
+    _dump(captions["train"], out / "captions.json")
+    _dump(captions["heldout"], out / "captions_heldout.json")
     _dump(instruct, out / "instruct_train.json")
     _dump(evals["heldout"], out / "instruct_heldout.json")
     _dump(evals["compositional"], out / "instruct_compositional.json")
