@@ -12,6 +12,7 @@ k is the row of its *predicting position* (the position just before it).
     relevancy_map(model, tokenizer, question, "red", pixels)   # [gh, gw] (Chefer et al. 2021)
     overlay(pil_image, heat)         # PIL heat-map overlay
     localization_score(heat, box, 64)  # > 1: more mass in the box than a uniform map
+    tower_probe(cfg, "shape")        # can the frozen patch features alone tell an object's shape?
 
 Attention is only returned by the *eager* implementation (SDPA/flash fuse the softmax away),
 so the LM is switched to eager for the forward and switched back afterwards.
@@ -212,3 +213,68 @@ def token_norm_stats(model, tokenizer, images, question: str) -> dict[str, float
     return {"visual_mean": vis.mean().item(), "visual_std": vis.std().item(),
             "text_mean": txt.mean().item(), "text_std": txt.std().item(),
             "ratio": (vis.mean() / txt.mean()).item()}
+
+
+# ---------------------------------------------------------------- what the frozen tower knows
+def object_probe(features: dict, scenes: dict, train_ids: list, test_ids: list, attribute: str = "shape",
+                 grid: tuple[int, int] = (8, 8), image_size: int = 64, window: int = 3, steps: int = 600,
+                 seed: int = 0) -> dict:
+    """Do the tower's patch features tell an object's `attribute` (shape, color, size)?
+
+    A small MLP reads the `window` x `window` patch features around each object's center
+    (`features[image_id]`: [N, Dv] in grid order; `scenes[image_id]`: ShapesWorld's object dicts
+    with cx, cy and the attribute). It trains on the objects of `train_ids` and is scored on those
+    of `test_ids`. High accuracy here and a low VQA score mean the LM, not the tower, fails.
+    Returns {"accuracy", "majority" (always the most common class), "n_test", "classes"}."""
+    gh, gw = grid
+    classes = sorted({o[attribute] for i in train_ids for o in scenes[i]})
+
+    def objects(ids):
+        xs, ys = [], []
+        for i in ids:
+            f = features[i].float().reshape(gh, gw, -1).permute(2, 0, 1)
+            f = F.pad(f, [window // 2] * 4).permute(1, 2, 0)        # zero features beyond the border
+            for o in scenes[i]:
+                r = min(int(o["cy"] / image_size * gh), gh - 1)
+                c = min(int(o["cx"] / image_size * gw), gw - 1)
+                xs.append(f[r:r + window, c:c + window].reshape(-1))
+                ys.append(classes.index(o[attribute]) if o[attribute] in classes else -1)
+        return torch.stack(xs), torch.tensor(ys)
+
+    (x, y), (xt, yt) = objects(train_ids), objects(test_ids)
+    mean, std = x.mean(0), x.std(0) + 1e-5
+    x, xt = (x - mean) / std, (xt - mean) / std
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    mlp = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, len(classes)))
+    opt = torch.optim.AdamW(mlp.parameters(), lr=1e-3, weight_decay=0.05)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (min(256, len(x)),), generator=g)
+        loss = F.cross_entropy(mlp(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        accuracy = (mlp(xt).argmax(1) == yt).float().mean().item()
+    majority = (yt == torch.bincount(y, minlength=len(classes)).argmax()).float().mean().item()
+    return {"accuracy": round(accuracy, 4), "majority": round(majority, 4), "n_test": len(yt), "classes": classes}
+
+
+def tower_probe(cfg, attribute: str = "shape", n_train: int = 3000, **kwargs) -> dict:
+    """`object_probe` on a config's frozen stage-0 tower and ShapesWorld data: trained on the
+    objects of the first `n_train` training images, scored on every held-out image's objects.
+    Uses the feature store that training filled (computes what is missing)."""
+    import json
+    from pathlib import Path
+    from .pipeline import ImageSource, ensure_stage0, feature_store
+    from .vision import build_vision_tower
+    clip_file, _ = ensure_stage0(cfg, progress=False, parts=("vision",))
+    tower = build_vision_tower(cfg.vision, clip_file)
+    scenes = json.loads((Path(cfg.data.root) / "scenes.json").read_text())
+    train = [i for i in scenes if i.startswith("train_")][:n_train]
+    test = [i for i in scenes if i.startswith("heldout_")]
+    source = ImageSource(cfg, tower)
+    records = {i: {"image": f"images/{i.split('_')[0]}/{i}.png"} for i in train + test}
+    source.cache(list(records.values()), progress=False, store=feature_store(cfg))
+    features = {i: source(r) for i, r in records.items()}
+    return object_probe(features, scenes, train, test, attribute, tower.grid, cfg.data.image_size, **kwargs)

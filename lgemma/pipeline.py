@@ -247,7 +247,11 @@ def load_variant(run_dir: str | Path) -> tuple[LlavaGemma, object, Config]:
         raise FileNotFoundError(f"{run_dir} holds no trained model (model.safetensors): train it with "
                                 f"`lgemma train {run_dir.name}`")
     cfg = Config.from_yaml(run_dir / "config.yaml")
-    cfg.runs_dir = str(run_dir.parent)
+    # runs_dir is where the run's stage 0 lives: for a nested name ("ablation/<run>") that is two
+    # folders up, not the parent (a run folder moved under another name: its parent)
+    name = Path(cfg.name)
+    nested = run_dir.parts[-len(name.parts):] == name.parts
+    cfg.runs_dir = str(run_dir.parents[len(name.parts) - 1] if nested else run_dir.parent)
     cfg.data.root = resolve_home(copy.deepcopy(cfg)).data.root
     model, tokenizer = build_model(cfg, progress=False)
     unexpected = model.load_state_dict(load_file(str(run_dir / "model.safetensors")), strict=False).unexpected_keys

@@ -73,6 +73,10 @@ def test_mini_grid_trains_summarizes_and_resumes(tmp_path, monkeypatch, capsys):
     assert (folder / "effects.png").stat().st_size > 0 and (folder / "effects.csv").exists()
     # stage 0 was trained once and shared by every run
     assert len(list((tmp_path / "runs-fast" / "stage0").glob("vision-*"))) == 1
+    # a grid run loads with that shared stage 0 (it once looked for, and retrained, its own)
+    looks = ablation.looking_stats(ablation.Grid(levels={"align": ("on",), "vision": ("tiny",), "language": ("tiny",)},
+                                                 seeds=(0,)), n=1)
+    assert len(looks) == 1 and not (folder / "stage0").exists()
 
     # resume: one run "killed" before it finished, the others untouched
     done = {p: p.stat().st_mtime_ns for p in folder.glob("*/metrics.json")}

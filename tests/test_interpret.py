@@ -121,3 +121,32 @@ def test_maps_work_with_a_gemma3_language_model(tokenizer):
     assert image_attention(res).shape == (2, 2, *model.vision.grid)
     rel = relevancy_map(model, tokenizer, "<image>\nWhat color is the circle?", "red", image)
     assert rel.shape == model.vision.grid and (rel >= 0).all()
+
+
+def _probe_world(n: int, informative: bool, seed: int = 0):
+    """Scenes of one object each on a 4x4 grid of 8-d features; the object's shape is written
+    into the feature of the patch under its center only when `informative`."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = ("circle", "square", "triangle")
+    features, scenes = {}, {}
+    for i in range(n):
+        f = torch.randn(16, 8, generator=g)
+        k = int(torch.randint(0, 3, (1,), generator=g))
+        r, c = (int(v) for v in torch.randint(0, 4, (2,), generator=g))
+        if informative:
+            f[r * 4 + c, k] += 6.0
+        features[f"img{i}"] = f
+        scenes[f"img{i}"] = [{"shape": shapes[k], "cx": c * 8 + 4.0, "cy": r * 8 + 4.0}]
+    return features, scenes
+
+
+@pytest.mark.parametrize("informative", [True, False])
+def test_object_probe_reads_what_the_features_hold(informative):
+    features, scenes = _probe_world(400, informative)
+    ids = list(scenes)
+    out = I.object_probe(features, scenes, ids[:300], ids[300:], "shape", grid=(4, 4), image_size=32, steps=300)
+    assert out["classes"] == ["circle", "square", "triangle"] and out["n_test"] == 100
+    if informative:
+        assert out["accuracy"] > 0.9
+    else:  # nothing to read: no better than chance, give or take sampling noise
+        assert out["accuracy"] < 0.5
