@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 .PHONY: setup train test clean-runs help
 
 help:
-	@echo "make demo    train the default tiny variants if not cached (~13 min the first time), then serve the Gradio demo on 127.0.0.1:7860"
+	@echo "make demo    train the default tiny variants if not cached (~11 min the first time), then serve the Gradio demo on 127.0.0.1:7860"
 	@echo "make train   data, stage 0, stage 1, stage 2 and eval of the default tiny variants (with and without stage 1)"
 	@echo "make test    the test suite (unit, end-to-end training in fast mode)"
 	@echo "make lab     JupyterLab on notebooks/ (the course, read in order)"
@@ -25,11 +25,11 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/lgemma train tiny tiny-noalign
+	$(BIN)/lgemma train tiny tiny-noalign --jobs 2
 
 .PHONY: demo
 demo: $(STAMP)
-	$(BIN)/lgemma demo tiny tiny-noalign
+	$(BIN)/lgemma demo tiny tiny-noalign --jobs 2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -40,7 +40,7 @@ lab: $(STAMP)
 		$(if $(filter 0,$(shell id -u)),--allow-root)
 
 course: $(STAMP)
-	$(BIN)/lgemma train tiny tiny-noalign
+	$(BIN)/lgemma train tiny tiny-noalign --jobs 2
 	$(BIN)/lgemma course run --out build/course
 
 clean-runs:

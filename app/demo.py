@@ -178,11 +178,14 @@ def token_table(reply: variants.Reply, caption: str) -> str:
             + (f"\n\n({more} more tokens)" if more > 0 else "") + f"\n\n*overlay: {html.escape(caption)}*")
 
 
-def prepare(names: list[str], overrides: list[str] = ()) -> list[Path]:
-    """Train the variants `names` unless cached (data, stage 0, 1, 2 and eval, with progress bars);
-    returns their run folders."""
-    from lgemma.pipeline import get_config, train_variant
+def prepare(names: list[str], overrides: list[str] = (), jobs: int = 1) -> list[Path]:
+    """Train the variants `names` unless cached (data, stage 0, 1, 2 and eval, with progress bars),
+    `jobs` at a time; returns their run folders."""
+    from lgemma.pipeline import get_config, train_variant, train_variants
     cfgs = [get_config(name, list(overrides)) for name in names]
+    todo = [c for c in cfgs if not (c.run_dir / "metrics.json").exists()]
+    if jobs > 1 and len(todo) > 1:
+        train_variants(todo, jobs)
     for cfg in cfgs:
         train_variant(cfg)
     return [cfg.run_dir for cfg in cfgs]

@@ -26,6 +26,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from .config import Config, LanguageConfig, VisionConfig, small_language, small_vision
+from .pipeline import train_variants
 
 AXES = ("align", "vision", "language")
 QUESTION_TYPES = ("color", "shape", "size", "count", "exist", "spatial")
@@ -50,10 +51,14 @@ class Grid:
     levels: dict = field(default_factory=lambda: {
         "align": ("on", "off"), "vision": ("tiny", "small"), "language": ("tiny", "small")})
     seeds: tuple = (0, 1, 2)
-    # A much shorter schedule than `make train`'s (250 + 800 steps), so that 24 runs fit 40
-    # minutes on a 2-core laptop: every cell is compared at equal (short) steps, which notebook
-    # 04 discusses. Fast mode (LGEMMA_FAST=1) uses its own tiny schedule instead.
-    budget: tuple = ("train.align.steps=80", "train.instruct.steps=100")
+    # The paper's recipe (LLaVA-1.5's `mlp2x_gelu` connector, batch 32) on a much shorter schedule
+    # than `make train`'s, so that 24 runs fit 40 minutes on a 2-core laptop: every cell is compared
+    # at equal (short) steps, which notebook 04 discusses. Float32 and sdpa attention, as the
+    # README's grid numbers were measured (without these two, CPUs with native bf16 run it about
+    # twice as fast). Fast mode (LGEMMA_FAST=1) uses its own tiny schedule.
+    budget: tuple = ("train.align.steps=80", "train.instruct.steps=100", "train.instruct.batch_size=32",
+                     "connector.kind=mlp2x_gelu", "train.precision=32-true", "train.stage0.precision=32-true",
+                     "language.attention=sdpa")
     overrides: tuple = ()     # the user's own, applied last (they win over the budget)
     folder: str = "ablation"  # runs go to <runs_dir>/<folder>/<run name>/
 
@@ -76,7 +81,9 @@ def cell_config(grid: Grid, cell: dict) -> Config:
         raise ValueError(f"align level {cell['align']!r}: use 'on' or 'off'")
     cfg.train.skip_align = cell["align"] == "off"
     cfg.vision = _size(cell["vision"], cfg.vision, small_vision, VisionConfig, "vision")
+    attention = cfg.language.attention  # both LM sizes run the same attention code
     cfg.language = _size(cell["language"], cfg.language, small_language, LanguageConfig, "language")
+    cfg.language.attention = attention
     cfg.train.seed = int(cell["seed"])
     cfg.name = f"{grid.folder}/{run_name(cell)}"
     return cfg
@@ -104,7 +111,7 @@ def run_grid(grid: Grid, progress: bool = True, jobs: int = 1) -> pd.DataFrame:
     configs = {run_name(c): cell_config(grid, c) for c in cells}
     todo = [n for n, cfg in configs.items() if not (cfg.run_dir / "metrics.json").exists()]
     if jobs > 1 and len(todo) > 1:
-        _train_parallel([configs[n] for n in todo], jobs, progress)
+        train_variants([configs[n] for n in todo], jobs, progress, desc="ablation grid")
     rows = []
     bar = tqdm(cells, desc="ablation grid", unit="run", disable=not progress)
     for cell in bar:
@@ -116,90 +123,6 @@ def run_grid(grid: Grid, progress: bool = True, jobs: int = 1) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table.to_csv(configs[run_name(cells[0])].run_dir.parent / "runs.csv", index=False)
     return table
-
-
-def _stage0_parts(cfg: Config) -> dict[str, tuple]:
-    """The shared stage-0 work a run needs, keyed so that runs sharing a tower or LM share it."""
-    from .pipeline import stage0_dirs
-    vision_dir, lm_dir = stage0_dirs(cfg)
-    return {"vision": ("vision", str(vision_dir)), "language": ("language", str(lm_dir))}
-
-
-def _prepare(cfg: Config, part: str) -> str:
-    """One stage-0 part in a worker: the tower (and its frozen features on every record), or the LM."""
-    import torch
-    from .pipeline import ImageSource, ensure_stage0, feature_store, records
-    from .vision import build_vision_tower
-    torch.set_num_threads(1)
-    clip_file, _ = ensure_stage0(cfg, progress=False, parts=(part,))
-    store = feature_store(cfg)
-    if part == "vision" and store is not None and not store.exists():
-        recs = [r for k in ("captions", "instruct", *cfg.data.eval_files) for r in records(cfg, k)]
-        ImageSource(cfg, build_vision_tower(cfg.vision, clip_file)).cache(recs, progress=False, store=store)
-    return f"stage 0 {part} {cfg.vision.name if part == 'vision' else cfg.language.name}"
-
-
-def _train_one(cfg: Config) -> str:
-    import torch
-    from .pipeline import train_variant
-    torch.set_num_threads(1)
-    train_variant(cfg, progress=False)
-    return cfg.name.split("/")[-1]
-
-
-def _cost(cfg: Config) -> float:
-    """Rough relative run time, to start the longest runs first (a shorter tail at the end)."""
-    lm = cfg.language.hidden_size * cfg.language.layers
-    return lm * (cfg.train.instruct.steps + (0 if cfg.train.skip_align else cfg.train.align.steps))
-
-
-def _part_cost(cfg: Config, part: str) -> float:
-    """Rough relative time of a stage-0 part (per-sample cost ~ width x layers; text is longer)."""
-    s0 = cfg.train.stage0
-    if part == "vision":
-        return cfg.vision.width * cfg.vision.layers * s0.clip_steps * s0.clip_batch_size
-    return 2 * cfg.language.hidden_size * cfg.language.layers * s0.lm_steps * s0.lm_batch_size
-
-
-def _train_parallel(configs: list[Config], jobs: int, progress: bool) -> None:
-    """Run the grid as a small task graph on `jobs` processes (one CPU thread each): each
-    stage-0 part once (the largest first), then every run as soon as the parts it needs are
-    done, the most expensive runs first. Two workers never train the same stage 0."""
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from .pipeline import ensure_data
-    for cfg in {c.data.root: c for c in configs}.values():
-        ensure_data(cfg, progress)  # once, before any worker reads it
-    needs = {c.name: _stage0_parts(c) for c in configs}
-    parts = {}
-    for c in configs:
-        for part, key in needs[c.name].items():
-            parts.setdefault(key, (c, part))
-    parts = dict(sorted(parts.items(), key=lambda kv: _part_cost(*kv[1]), reverse=True))
-    runs = sorted(configs, key=_cost, reverse=True)
-    done, running = set(), {}
-    bar = tqdm(total=len(parts) + len(runs), desc=f"ablation ({jobs} at a time)", unit="task", disable=not progress)
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-        while parts or runs or running:
-            while len(running) < jobs:
-                ready = [c for c in runs if all(k in done for k in needs[c.name].values())]
-                if parts:  # stage 0 first: every run waits on it
-                    key, (c, part) = next(iter(parts.items()))
-                    del parts[key]
-                    running[pool.submit(_prepare, c, part)] = key
-                elif ready:
-                    runs.remove(ready[0])
-                    running[pool.submit(_train_one, ready[0])] = None
-                else:
-                    break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in finished:
-                bar.set_postfix_str(f.result())  # re-raises a worker's error here
-                key = running.pop(f)
-                if key is not None:
-                    done.add(key)
-                bar.update()
-    bar.close()
 
 
 def benchmarks(metrics: dict) -> dict:

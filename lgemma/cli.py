@@ -79,10 +79,15 @@ def results_table(rows: list[dict]) -> str:
 
 
 def cmd_train(args):
-    from .pipeline import train_variant
+    from .pipeline import train_variant, train_variants
     t0 = time.time()
     rows = []
-    for cfg in _configs(args):
+    configs = _configs(args)
+    todo = [c for c in configs if not (c.run_dir / "metrics.json").exists()]
+    if args.jobs > 1 and len(todo) > 1:
+        print(f"training {', '.join(c.name for c in todo)}: {args.jobs} at a time, one CPU thread each")
+        train_variants(todo, args.jobs)
+    for cfg in configs:
         print(f"\n=== {cfg.name}: {'stage 2 only (skip_align)' if cfg.train.skip_align else 'stage 1 + stage 2'} ===")
         rows.append(train_variant(cfg))
         print(f"{cfg.name}: metrics in {cfg.run_dir / 'metrics.json'}")
@@ -130,7 +135,7 @@ def cmd_demo(args):
     import os
     from app.demo import launch, prepare
     t0 = time.time()
-    run_dirs = prepare(args.configs or ["tiny", "tiny-noalign"], args.set)  # trains only what is not cached
+    run_dirs = prepare(args.configs or ["tiny", "tiny-noalign"], args.set, args.jobs)  # trains only what is not cached
     print(f"variants ready in {time.time() - t0:.0f} s: {', '.join(map(str, run_dirs))}")
     has_screen = sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
     launch(run_dirs[0].parent, [d.name for d in run_dirs], args.port, open_browser=bool(has_screen))
@@ -154,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         _add_common(p)
         if name == "train":
             _add_trainer_flags(p)
+            p.add_argument("--jobs", type=int, default=1,
+                           help="variants trained at once, one CPU thread each (2 suits a 2-core laptop; default: 1)")
         p.set_defaults(fn=fn)
     p = sub.add_parser("ablate", help="the paper's ablation grid at toy scale, with seeds and intervals",
                        description="Train every cell of {stage 1 on, off} x {vision} x {LM} x seeds (cached, "
@@ -173,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help=text, description=text + " (configs default: tiny tiny-noalign)")
     _add_common(p)
     p.add_argument("--port", type=int, default=7860, help="local port (default: 7860)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="variants trained at once if not cached, one CPU thread each (default: 2)")
     p.set_defaults(fn=cmd_demo, configs=[])
     args = parser.parse_args(argv)
     try:

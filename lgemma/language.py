@@ -83,6 +83,7 @@ def tiny_gemma(cfg: LanguageConfig, vocab_size: int) -> GemmaForCausalLM:
                      num_key_value_heads=cfg.kv_heads, head_dim=cfg.hidden_size // cfg.heads,
                      max_position_embeddings=cfg.max_position_embeddings, pad_token_id=0, eos_token_id=1,
                      bos_token_id=2, tie_word_embeddings=True)
+    hf._attn_implementation = cfg.attention
     return GemmaForCausalLM(hf)
 
 
@@ -170,7 +171,7 @@ def load_language_model(cfg: LanguageConfig, folder: str | Path | None = None, d
         source = str(folder) if cfg.name in TINY_LMS else cfg.name
     try:
         tokenizer = _converted_tokenizer(source) if cfg.name in GGUF_LMS else AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=cfg.attention)
     except OSError as e:
         raise WeightsUnavailable(
             f"could not load language model {source!r} ({e}). Offline? On a machine with internet run "

@@ -29,6 +29,7 @@ from .data.collate import LlavaDataset
 from .data.llava_json import load_image, load_records
 from .language import IMAGE_TOKEN, TINY_LMS, add_lora, load_language_model
 from .model import LlavaGemma
+from .training import stage0_precision
 from .vision import TINY_TOWERS, build_vision_tower
 
 
@@ -189,8 +190,12 @@ def stage0_dirs(cfg: Config) -> tuple[Path, Path]:
     data_key = (Path(d.root).name, d.seed, d.n_train, d.image_size, s0.seed)  # not where it lives
     if d.questions_per_image != 4:  # (appended only when changed, so older cache keys stay valid)
         data_key += (d.questions_per_image,)
+    precision = stage0_precision(cfg)
+    if precision != "32-true":       # bf16 training gives (slightly) different weights
+        data_key += (precision,)
+    language_key = {k: v for k, v in vars(cfg.language).items() if k != "attention"}  # how it runs, not what it is
     vision = base / f"vision-{cfg.vision.name}-{_hash(data_key, vars(cfg.vision), s0.clip_steps, s0.clip_batch_size, s0.clip_lr)}"
-    lm = base / f"lm-{cfg.language.name}-{_hash(data_key, vars(cfg.language), s0.lm_steps, s0.lm_batch_size, s0.lm_lr, d.max_length)}"
+    lm = base / f"lm-{cfg.language.name}-{_hash(data_key, language_key, s0.lm_steps, s0.lm_batch_size, s0.lm_lr, d.max_length)}"
     return vision, lm
 
 
@@ -262,9 +267,10 @@ def load_variant(run_dir: str | Path) -> tuple[LlavaGemma, object, Config]:
 
 
 # ---------------------------------------------------------------- training
-def train_variant(cfg: Config, progress: bool = True, evaluate: bool = True, trainer_kwargs: dict | None = None) -> dict:
+def train_variant(cfg: Config, progress: bool = True, evaluate: bool = True, trainer_kwargs: dict | None = None,
+                  callbacks=()) -> dict:
     """Stage 1 (unless `skip_align`), stage 2, then evaluation; every step cached in `cfg.run_dir`.
-    Returns the metrics (also written to `metrics.json`)."""
+    Returns the metrics (also written to `metrics.json`). `callbacks` go to both stages' Trainer."""
     from .training import global_rank, train_stage, trainer_settings
     run = cfg.run_dir
     check_run_config(cfg)
@@ -281,7 +287,8 @@ def train_variant(cfg: Config, progress: bool = True, evaluate: bool = True, tra
     n = model.num_image_tokens
     seconds = {}
     trainer_kwargs = {**trainer_settings(cfg.train), **(trainer_kwargs or {})}  # strategy, devices, precision, ...
-    stage_kwargs = dict(seed=cfg.train.seed, trainer_kwargs=trainer_kwargs, num_workers=cfg.train.num_workers)
+    stage_kwargs = dict(seed=cfg.train.seed, trainer_kwargs=trainer_kwargs, num_workers=cfg.train.num_workers,
+                        callbacks=callbacks)
     if not cfg.train.skip_align:
         ds = LlavaDataset(cap, tokenizer, n, source, cfg.data.max_length, "captions")
         info = train_stage(model, "align", cfg.train.align, ds, run / "align", **stage_kwargs)
@@ -348,3 +355,106 @@ def evaluate_variant(model, tokenizer, cfg: Config, source=None, evals=None, pro
         out[f"{split}_accuracy"] = r["seeing"]["overall_accuracy"]
         out[f"{split}_blind_accuracy"] = r["blind"]["overall_accuracy"]
     return out
+
+
+# ---------------------------------------------------------------- several variants at once
+def train_variants(configs: list[Config], jobs: int = 2, progress: bool = True, desc: str = "training") -> None:
+    """Train (and evaluate) several variants on `jobs` processes of one CPU thread each: tiny
+    models use two cores better as two runs than as one run on two threads. A small task graph:
+    each stage-0 part once (the largest first), then every run as soon as the parts it needs are
+    done, the most expensive runs first. Two workers never train the same stage 0. One progress
+    bar counts the training steps of all runs. Results land in each run's folder, as with
+    `train_variant` (call it afterwards to read them)."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    for cfg in {c.data.root: c for c in configs}.values():
+        ensure_data(cfg, progress)  # once, before any worker reads it
+    needs = {c.name: _stage0_parts(c) for c in configs}
+    parts = {}
+    for c in configs:
+        for part, key in needs[c.name].items():
+            parts.setdefault(key, (c, part))
+    parts = dict(sorted(parts.items(), key=lambda kv: _part_cost(*kv[1]), reverse=True))
+    runs = sorted(configs, key=_cost, reverse=True)
+    total = sum(c.train.instruct.steps + (0 if c.train.skip_align else c.train.align.steps) for c in configs)
+    ctx = mp.get_context("spawn")
+    steps = ctx.Manager().dict()  # run name -> training steps done (workers report every 10)
+    done, running = set(), {}
+    bar = tqdm(total=total, desc=f"{desc} ({jobs} at a time)", unit="step", disable=not progress)
+    with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        while parts or runs or running:
+            while len(running) < jobs:
+                ready = [c for c in runs if all(k in done for k in needs[c.name].values())]
+                if parts:  # stage 0 first: every run waits on it
+                    key, (c, part) = next(iter(parts.items()))
+                    del parts[key]
+                    running[pool.submit(_prepare, c, part)] = (key, f"stage 0 {part}")
+                elif ready:
+                    runs.remove(ready[0])
+                    running[pool.submit(_train_one, ready[0], steps)] = (None, ready[0].name)
+                else:
+                    break
+            labels = ", ".join(label for _, label in running.values())
+            if labels != bar.postfix:
+                bar.set_postfix_str(labels, refresh=False)
+            finished, _ = wait(running, timeout=2, return_when=FIRST_COMPLETED)
+            for f in finished:
+                f.result()  # re-raises a worker's error here
+                key, _ = running.pop(f)
+                if key is not None:
+                    done.add(key)
+            if sum(steps.values()) > bar.n:
+                bar.update(sum(steps.values()) - bar.n)
+    bar.update(total - bar.n)  # runs that were cached count as done
+    bar.close()
+
+
+def _stage0_parts(cfg: Config) -> dict[str, tuple]:
+    """The shared stage-0 work a run needs, keyed so that runs sharing a tower or LM share it."""
+    vision_dir, lm_dir = stage0_dirs(cfg)
+    return {"vision": ("vision", str(vision_dir)), "language": ("language", str(lm_dir))}
+
+
+def _prepare(cfg: Config, part: str) -> str:
+    """One stage-0 part in a worker: the tower (and its frozen features on every record), or the LM."""
+    torch.set_num_threads(1)
+    clip_file, _ = ensure_stage0(cfg, progress=False, parts=(part,))
+    store = feature_store(cfg)
+    if part == "vision" and store is not None and not store.exists():
+        recs = [r for k in ("captions", "instruct", *cfg.data.eval_files) for r in records(cfg, k)]
+        ImageSource(cfg, build_vision_tower(cfg.vision, clip_file)).cache(recs, progress=False, store=store)
+    return f"stage 0 {part} {cfg.vision.name if part == 'vision' else cfg.language.name}"
+
+
+def _train_one(cfg: Config, steps=None) -> str:
+    import lightning as L
+
+    class Report(L.Callback):  # training steps done so far, for the parent's progress bar
+        offset = 0
+
+        def on_train_batch_end(self, trainer, *args):
+            if steps is not None and trainer.global_step % 10 == 0:
+                steps[cfg.name] = self.offset + trainer.global_step
+
+        def on_train_end(self, trainer, pl_module):
+            self.offset += trainer.global_step
+            if steps is not None:
+                steps[cfg.name] = self.offset
+
+    torch.set_num_threads(1)
+    train_variant(cfg, progress=False, trainer_kwargs={"enable_progress_bar": False}, callbacks=[Report()])
+    return cfg.name
+
+
+def _cost(cfg: Config) -> float:
+    """Rough relative run time, to start the longest runs first (a shorter tail at the end)."""
+    lm = cfg.language.hidden_size * cfg.language.layers
+    return lm * (cfg.train.instruct.steps + (0 if cfg.train.skip_align else cfg.train.align.steps))
+
+
+def _part_cost(cfg: Config, part: str) -> float:
+    """Rough relative time of a stage-0 part (per-sample cost ~ width x layers; text is longer)."""
+    s0 = cfg.train.stage0
+    if part == "vision":
+        return cfg.vision.width * cfg.vision.layers * s0.clip_steps * s0.clip_batch_size
+    return 2 * cfg.language.hidden_size * cfg.language.layers * s0.lm_steps * s0.lm_batch_size

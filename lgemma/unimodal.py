@@ -24,7 +24,7 @@ from .config import Config
 from .data.collate import build_sample, collate, remove_image
 from .data.llava_json import turns
 from .language import tiny_gemma, train_tokenizer
-from .training import quiet_lightning
+from .training import quiet_lightning, stage0_precision
 from .vision import CLIP_CONTEXT_LENGTH, build_tiny_clip
 
 
@@ -92,7 +92,7 @@ def pretrain_vision(cfg: Config, records: list[dict], load_image, heldout: list[
     t0 = time.time()
     loader = DataLoader(data, batch_size=s0.clip_batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.train.stage0.seed))
-    _trainer(out, s0.clip_steps, gradient_clip_val=1.0).fit(ClipModule(clip, s0.clip_lr, s0.clip_steps), loader)
+    _trainer(out, s0.clip_steps, gradient_clip_val=1.0, precision=stage0_precision(cfg)).fit(ClipModule(clip, s0.clip_lr, s0.clip_steps), loader)
     info = {"seconds": round(time.time() - t0, 1), "steps": s0.clip_steps,
             "heldout_retrieval_top1": clip_retrieval(clip, tok, heldout, load_image)}
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(out / "clip.safetensors"))
@@ -148,7 +148,7 @@ def pretrain_language(cfg: Config, caption_records: list[dict], instruct_records
     t0 = time.time()
     loader = DataLoader(items, batch_size=s0.lm_batch_size, shuffle=True, collate_fn=lambda b: collate(b, pad),
                         generator=torch.Generator().manual_seed(cfg.train.stage0.seed))
-    _trainer(out, s0.lm_steps, gradient_clip_val=1.0).fit(TextLMModule(lm, s0.lm_lr, s0.lm_steps), loader)
+    _trainer(out, s0.lm_steps, gradient_clip_val=1.0, precision=stage0_precision(cfg)).fit(TextLMModule(lm, s0.lm_lr, s0.lm_steps), loader)
     lm.save_pretrained(out)
     tokenizer.save_pretrained(out)
     info = {"seconds": round(time.time() - t0, 1), "steps": s0.lm_steps, "vocab_size": len(tokenizer),

@@ -33,6 +33,7 @@ def tiny_cfg():
     cfg.vision.width, cfg.vision.layers, cfg.vision.heads, cfg.vision.embed_dim = 32, 3, 2, 32
     cfg.language.hidden_size, cfg.language.layers, cfg.language.intermediate_size = 32, 2, 64
     cfg.language.heads, cfg.language.kv_heads = 2, 1
+    cfg.connector.kind = "mlp2x_gelu"  # LLaVA-1.5's (the tiny preset's conv_mlp has no transformers Llava layout)
     return cfg
 
 

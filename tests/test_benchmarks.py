@@ -31,3 +31,18 @@ def test_memory_worker_measures_one_implementation():
     bench = _bench()
     mem = bench.memory_worker("tiny", "lgemma", 2, "cpu", torch.float32)
     assert set(mem) == {"peak", "resident", "step"} and mem["peak"] > 0
+
+
+def test_tiny_step_benchmark_times_every_setting(capsys):
+    """benchmarks/tiny_step.py at a toy batch: every precision x attention setting is timed."""
+    path = SCRIPT.parent / "tiny_step.py"
+    spec = importlib.util.spec_from_file_location("tiny_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        res = module.main(["--threads", "1", "--steps", "1", "--batch", "2", "--length", "96"])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(res) == {f"{p}/{a}" for p, a in module.SETTINGS} and all(t > 0 for t in res.values())
+    assert "vs float32 + sdpa" in capsys.readouterr().out

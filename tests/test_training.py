@@ -97,3 +97,31 @@ def test_resumed_run_continues_from_its_step(tiny_model, world, tmp_path):
     # a finished stage is loaded, not retrained
     again = train_stage(model, "instruct", cfg, ds, tmp_path, trainer_kwargs=QUIET, callbacks=[Crash(0)])
     assert again == info
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    from lgemma.training import resolve_precision
+    assert resolve_precision("32-true") == "32-true" and resolve_precision("bf16-mixed") == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert resolve_precision("auto") == "32-true"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert resolve_precision("auto") == "bf16-mixed"
+
+
+def test_eager_and_sdpa_attention_give_the_same_loss(world):
+    """`language.attention` changes how the tiny LM computes attention, not what it computes."""
+    from lgemma.config import LanguageConfig
+    from lgemma.language import tiny_gemma
+    ids = torch.randint(8, 60, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0                                        # left padding in the second row
+    losses = []
+    for attention in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        lm = tiny_gemma(LanguageConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64, attention=attention), 64)
+        labels = ids.clone()
+        labels[1, :4] = -100                               # no loss read off a padding position
+        losses.append(lm(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)

@@ -48,10 +48,24 @@ def test_preprocess_pads_to_square_and_resizes():
     assert not torch.allclose(x[:, 0, 32], x[:, 32, 32])  # top rows are padding, centre is red
 
 
-@pytest.mark.parametrize("kind,n_params", [("linear", 32 * 64 + 64), ("mlp2x_gelu", 32 * 64 + 64 + 64 * 64 + 64)])
+@pytest.mark.parametrize("kind,n_params", [("linear", 32 * 64 + 64), ("mlp2x_gelu", 32 * 64 + 64 + 64 * 64 + 64),
+                                           ("conv_mlp", 9 * 32 * 64 + 64 + 64 * 64 + 64)])
 def test_connectors(kind, n_params):
     c = build_connector(kind, 32, 64)
-    assert c(torch.randn(2, 5, 32)).shape == (2, 5, 64)
+    assert c(torch.randn(2, 16, 32)).shape == (2, 16, 64)
     assert sum(p.numel() for p in c.parameters()) == n_params
     with pytest.raises(KeyError, match="mlp2x_gelu"):
         build_connector("mlp3x", 32, 64)
+
+
+def test_conv_connector_reads_each_patch_neighbourhood():
+    """A feature on patch (row 3, col 5) of an 8x8 grid moves exactly the 3x3 tokens around it,
+    in the patches' row-major order; a grid that is not square is refused."""
+    c = build_connector("conv_mlp", 4, 8)
+    x = torch.zeros(1, 64, 4)
+    base = c(x)
+    x[0, 3 * 8 + 5] = 1.0
+    moved = (c(x) - base).abs().sum(-1)[0] > 1e-6
+    assert moved.nonzero().flatten().tolist() == [r * 8 + col for r in (2, 3, 4) for col in (4, 5, 6)]
+    with pytest.raises(ValueError, match="square grid"):
+        c(torch.zeros(1, 60, 4))

@@ -118,6 +118,7 @@ class LlavaDataset(Dataset):
         self.num_image_tokens, self.image_source = num_image_tokens, image_source
         self.max_length, self.where = max_length, where
         self.truncated: dict[int, int] = {}  # record index -> tokens cut
+        self._tokens: dict[int, tuple] = {}    # record index -> (input_ids, labels): tokenized once, not every epoch
 
     def __len__(self):
         return len(self.records)
@@ -125,14 +126,17 @@ class LlavaDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
         has_image = "image" in rec
-        where = f"{self.where} record {rec.get('id', i)!r}"
-        s = build_sample(self.tokenizer, turns(rec), self.num_image_tokens if has_image else None,
-                         self.max_length, where)
-        if s.truncated and i not in self.truncated:
-            self.truncated[i] = s.truncated
-            warnings.warn(f"{where}: {s.truncated} tokens over max_length={self.max_length} were truncated "
-                          f"(kept, not dropped); {len(self.truncated)} truncated so far")
-        item = {"input_ids": torch.tensor(s.input_ids), "labels": torch.tensor(s.labels)}
+        if i not in self._tokens:
+            where = f"{self.where} record {rec.get('id', i)!r}"
+            s = build_sample(self.tokenizer, turns(rec), self.num_image_tokens if has_image else None,
+                             self.max_length, where)
+            if s.truncated:
+                self.truncated[i] = s.truncated
+                warnings.warn(f"{where}: {s.truncated} tokens over max_length={self.max_length} were truncated "
+                              f"(kept, not dropped); {len(self.truncated)} truncated so far")
+            self._tokens[i] = (torch.tensor(s.input_ids), torch.tensor(s.labels))
+        input_ids, labels = self._tokens[i]
+        item = {"input_ids": input_ids, "labels": labels}
         if has_image:
             item["image"] = self.image_source(rec)
         return item
