@@ -183,9 +183,7 @@ def prepare(names: list[str], overrides: list[str] = (), jobs: int = 1) -> list[
     `jobs` at a time; returns their run folders."""
     from lgemma.pipeline import get_config, train_variant, train_variants
     cfgs = [get_config(name, list(overrides)) for name in names]
-    todo = [c for c in cfgs if not (c.run_dir / "metrics.json").exists()]
-    if jobs > 1 and len(todo) > 1:
-        train_variants(todo, jobs)
+    train_variants(cfgs, jobs)  # with jobs > 1, several at once; the loop below reads them
     for cfg in cfgs:
         train_variant(cfg)
     return [cfg.run_dir for cfg in cfgs]

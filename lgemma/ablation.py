@@ -109,9 +109,7 @@ def run_grid(grid: Grid, progress: bool = True, jobs: int = 1) -> pd.DataFrame:
     from .pipeline import train_variant
     cells = grid.cells()
     configs = {run_name(c): cell_config(grid, c) for c in cells}
-    todo = [n for n, cfg in configs.items() if not (cfg.run_dir / "metrics.json").exists()]
-    if jobs > 1 and len(todo) > 1:
-        train_variants([configs[n] for n in todo], jobs, progress, desc="ablation grid")
+    train_variants(list(configs.values()), jobs, progress, desc="ablation grid")  # with jobs > 1, the unfinished ones
     rows = []
     bar = tqdm(cells, desc="ablation grid", unit="run", disable=not progress)
     for cell in bar:

@@ -83,10 +83,7 @@ def cmd_train(args):
     t0 = time.time()
     rows = []
     configs = _configs(args)
-    todo = [c for c in configs if not (c.run_dir / "metrics.json").exists()]
-    if args.jobs > 1 and len(todo) > 1:
-        print(f"training {', '.join(c.name for c in todo)}: {args.jobs} at a time, one CPU thread each")
-        train_variants(todo, args.jobs)
+    train_variants(configs, args.jobs)  # several at once with --jobs (nothing to do otherwise)
     for cfg in configs:
         print(f"\n=== {cfg.name}: {'stage 2 only (skip_align)' if cfg.train.skip_align else 'stage 1 + stage 2'} ===")
         rows.append(train_variant(cfg))

@@ -183,7 +183,7 @@ def _tiny() -> Config:
     # neighbourhood. The tiny ViT's patches do not each know their object's shape, and the 1M-
     # parameter LM learns only slowly to assemble it from several tokens (README, "what make train does").
     c.connector.kind = "conv_mlp"
-    c.language.attention = "eager"  # in bf16 on a CPU, 1.8x faster steps than sdpa at this size (benchmarks/)
+    c.language.attention = "eager"  # in bf16 on a CPU, 1.5x faster steps than sdpa at this size (benchmarks/tiny_step.py)
     c.train.stage0.precision = "auto"
     return c
 

@@ -364,9 +364,13 @@ def train_variants(configs: list[Config], jobs: int = 2, progress: bool = True, 
     each stage-0 part once (the largest first), then every run as soon as the parts it needs are
     done, the most expensive runs first. Two workers never train the same stage 0. One progress
     bar counts the training steps of all runs. Results land in each run's folder, as with
-    `train_variant` (call it afterwards to read them)."""
+    `train_variant` (call it afterwards to read them). Runs with metrics are skipped; with fewer
+    than two left to train, nothing happens here (`train_variant` then trains in this process)."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    configs = [c for c in configs if not (c.run_dir / "metrics.json").exists()]
+    if jobs < 2 or len(configs) < 2:
+        return
     for cfg in {c.data.root: c for c in configs}.values():
         ensure_data(cfg, progress)  # once, before any worker reads it
     needs = {c.name: _stage0_parts(c) for c in configs}
