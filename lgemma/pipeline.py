@@ -409,7 +409,7 @@ def train_variants(configs: list[Config], jobs: int = 2, progress: bool = True, 
                     done.add(key)
             if sum(steps.values()) > bar.n:
                 bar.update(sum(steps.values()) - bar.n)
-    bar.update(total - bar.n)  # runs that were cached count as done
+    bar.update(total - bar.n)  # steps not reported (the last few of a stage, stages resumed or cached)
     bar.close()
 
 
@@ -419,7 +419,7 @@ def _stage0_parts(cfg: Config) -> dict[str, tuple]:
     return {"vision": ("vision", str(vision_dir)), "language": ("language", str(lm_dir))}
 
 
-def _prepare(cfg: Config, part: str) -> str:
+def _prepare(cfg: Config, part: str) -> None:
     """One stage-0 part in a worker: the tower (and its frozen features on every record), or the LM."""
     torch.set_num_threads(1)
     clip_file, _ = ensure_stage0(cfg, progress=False, parts=(part,))
@@ -427,27 +427,25 @@ def _prepare(cfg: Config, part: str) -> str:
     if part == "vision" and store is not None and not store.exists():
         recs = [r for k in ("captions", "instruct", *cfg.data.eval_files) for r in records(cfg, k)]
         ImageSource(cfg, build_vision_tower(cfg.vision, clip_file)).cache(recs, progress=False, store=store)
-    return f"stage 0 {part} {cfg.vision.name if part == 'vision' else cfg.language.name}"
 
 
-def _train_one(cfg: Config, steps=None) -> str:
+def _train_one(cfg: Config, steps) -> None:
+    """One run in a worker; `steps[cfg.name]` follows its training steps for the parent's bar."""
     import lightning as L
 
-    class Report(L.Callback):  # training steps done so far, for the parent's progress bar
+    class Report(L.Callback):
         offset = 0
 
         def on_train_batch_end(self, trainer, *args):
-            if steps is not None and trainer.global_step % 10 == 0:
+            if trainer.global_step % 10 == 0:
                 steps[cfg.name] = self.offset + trainer.global_step
 
         def on_train_end(self, trainer, pl_module):
             self.offset += trainer.global_step
-            if steps is not None:
-                steps[cfg.name] = self.offset
+            steps[cfg.name] = self.offset
 
     torch.set_num_threads(1)
     train_variant(cfg, progress=False, trainer_kwargs={"enable_progress_bar": False}, callbacks=[Report()])
-    return cfg.name
 
 
 def _cost(cfg: Config) -> float:
