@@ -1,8 +1,8 @@
 """lgemma against transformers' `LlavaForConditionalGeneration`: training step time, peak memory
 and KV-cached generation speed, at one config with identical weights.
 
-    python benchmarks/speed_vs_transformers.py --small     # 2 CPU cores: a few minutes
-    python benchmarks/speed_vs_transformers.py             # paper scale (ViT-L/14-336 sized tower)
+    python benchmarks/speed_vs_transformers.py --small --batch 4   # 2 CPU cores: about 20 minutes
+    python benchmarks/speed_vs_transformers.py                     # paper scale (ViT-L/14-336 sized tower)
 
 The config: a Gemma 3 270M-sized LM (hidden 640, 18 layers, 4 heads, 1 KV head, head_dim 256,
 intermediate 2048) with its 262,144-token vocabulary, a CLIP ViT at 336 px / patch 14 (576 image
@@ -13,7 +13,10 @@ script checks that both give the same loss before timing anything).
 A training step is LLaVA's stage 2: forward with labels, backward, AdamW step; connector + LM
 trained, vision tower frozen. What differs: lgemma applies the LM head (640 x 262,144) only at the
 supervised positions (the answers, ~5% of the sequence), and transformers at every position,
-then upcasts all those logits to float32 for the loss.
+then upcasts all those logits to float32 for the loss. lgemma is measured once per activation
+checkpointing mode in `--checkpointing` (default: `off`, lgemma's default, and `selective`, which
+keeps the matrix products and recomputes the element-wise ops in the backward pass); the
+reference keeps every activation (transformers' default).
 
 Memory is measured in a fresh subprocess per implementation (`--worker`), so neither sees the
 other's allocations. `resident` is what stays between steps (weights + AdamW state), `peak` the
@@ -61,7 +64,16 @@ SIZES = {
                          head_dim=16, intermediate_size=64, vocab_size=4096, sliding_window=32),
                  answer=8, steps=1, gen_tokens=4),
 }
-IMPLS = ("lgemma", "transformers")
+REFERENCE = "transformers"
+
+
+def impl_names(modes) -> list[str]:
+    """lgemma once per checkpointing mode ("lgemma" is mode off, "lgemma+selective", ...), then the reference."""
+    return [f"lgemma+{m}" if m != "off" else "lgemma" for m in modes] + [REFERENCE]
+
+
+def mode_of(impl: str) -> str:
+    return impl.partition("+")[2] or "off"
 IMAGE_ID, PAD_ID, BOS_ID = 5, 0, 2
 
 
@@ -87,7 +99,9 @@ def build(size: str, impl: str, device: str, dtype: torch.dtype, seed: int = 0):
     lm = Gemma3ForCausalLM(Gemma3TextConfig(**s["lm"], pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=1,
                                             tie_word_embeddings=True))
     model = LlavaGemma(tower, lm, IMAGE_ID, "mlp2x_gelu")
-    if impl == "transformers":
+    if impl != REFERENCE:
+        model.checkpoint_activations(mode_of(impl))
+    if impl == REFERENCE:
         ref = to_transformers(model)
         del model, lm, tower, vit
         gc.collect()
@@ -122,7 +136,7 @@ def batch(size: str, batch_size: int, device: str, seed: int = 0) -> dict:
 
 
 def loss_of(model, impl: str, b: dict) -> torch.Tensor:
-    if impl == "lgemma":
+    if impl != REFERENCE:
         return model(b["input_ids"], b["attention_mask"], b["labels"], b["pixels"].to(model.connector_dtype))[0]
     return model(input_ids=b["input_ids"], pixel_values=b["pixels"].to(model.dtype),
                  attention_mask=b["attention_mask"], labels=b["labels"]).loss
@@ -157,7 +171,7 @@ def generate(model, impl: str, b: dict, n_tokens: int):
     """Greedy, KV-cached, exactly `n_tokens` new tokens for the prompts of `b` (one image each)."""
     ids, mask = b["input_ids"], b["attention_mask"]
     kw = dict(max_new_tokens=n_tokens, min_new_tokens=n_tokens)
-    if impl == "lgemma":
+    if impl != REFERENCE:
         return model.generate(ids, mask, b["pixels"].to(model.connector_dtype), **kw)
     return model.generate(input_ids=ids, pixel_values=b["pixels"].to(model.dtype), attention_mask=mask,
                           do_sample=False, pad_token_id=PAD_ID, **kw)[:, ids.shape[1]:]
@@ -172,6 +186,8 @@ def prompts(size: str, n: int, device: str) -> dict:
 
 # ---------------------------------------------------------------- measurements
 def time_training(model, impl, b, steps, device) -> list[float]:
+    if impl != REFERENCE:  # the lgemma variants share one model
+        model.checkpoint_activations(mode_of(impl))
     opt = optimizer(model)
     train_step(model, impl, b, opt)  # warm-up: allocates AdamW state, first-call overheads
     times = []
@@ -250,7 +266,7 @@ def memory_worker(size, impl, batch_size, device, dtype) -> dict:
 def measure_memory(args, device) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
     out = {}
-    for impl in IMPLS:
+    for impl in impl_names(args.checkpointing):
         cmd = [sys.executable, __file__, "--worker", impl, "--size", args.size, "--batch", str(args.batch),
                "--device", device, "--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -276,7 +292,9 @@ def main(argv=None) -> dict:
                     "use 1 on a machine shared with other jobs, where waiting threads stall every op)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    ap.add_argument("--checkpointing", nargs="+", choices=["off", "selective", "full"], default=["off", "selective"],
+                    help="lgemma's activation checkpointing modes to measure (default: off selective)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     device = args.device
     if args.threads:
@@ -297,19 +315,24 @@ def main(argv=None) -> dict:
           f"batch {args.batch} x {b['input_ids'].shape[1]} tokens, {supervised} supervised; {device} {args.dtype}, "
           f"{torch.get_num_threads()} threads")
 
-    models = {impl: build(args.size, impl, device, dtype).train() for impl in IMPLS}
+    impls = impl_names(args.checkpointing)
+    ours = impls[0]  # the lgemma variants share one model (the mode is set before each use)
+    models = {impl: build(args.size, impl, device, dtype).train() for impl in (ours, REFERENCE)}
+    models.update({impl: models[ours] for impl in impls[1:-1]})
     with torch.no_grad():
-        losses = {impl: float(loss_of(m, impl, b)) for impl, m in models.items()}
+        losses = {impl: float(loss_of(models[impl], impl, b)) for impl in (ours, REFERENCE)}
     tol = 1e-3 if dtype == torch.float32 else 3e-2
-    if abs(losses["lgemma"] - losses["transformers"]) > tol * max(1.0, abs(losses["lgemma"])):
+    if abs(losses[ours] - losses[REFERENCE]) > tol * max(1.0, abs(losses[ours])):
         raise AssertionError(f"the two models disagree before timing: losses {losses}")
 
-    step_times = {impl: [] for impl in IMPLS}
+    step_times = {impl: [] for impl in impls}
     for _ in range(args.rounds):
-        for impl, m in models.items():
-            step_times[impl] += time_training(m, impl, b, steps, device)
+        for impl in impls:
+            step_times[impl] += time_training(models[impl], impl, b, steps, device)
     p = prompts(args.size, args.gen_batch, device)
-    gen = time_generation({impl: m.eval() for impl, m in models.items()}, p, s["gen_tokens"], device)
+    # generation runs in eval mode, where checkpointing does nothing: one lgemma measurement serves all
+    gen = time_generation({impl: models[impl].eval() for impl in (ours, REFERENCE)}, p, s["gen_tokens"], device)
+    gen.update({impl: gen[ours] for impl in impls[1:-1]})
     del models
     gc.collect()
 
@@ -323,13 +346,18 @@ def main(argv=None) -> dict:
         res["cpu"] = _cpu_name()
     elif device == "cuda":
         res["gpu"] = torch.cuda.get_device_name()
-    res["train_speedup"] = res["train_step_s"]["transformers"] / res["train_step_s"]["lgemma"]
-    res["generate_speedup"] = gen["lgemma"] / gen["transformers"]
-    if not args.no_memory:
-        mem = measure_memory(args, device)
+    mem = None if args.no_memory else measure_memory(args, device)
+    res["vs_reference"] = {}
+    for impl in impls[:-1]:
+        ratios = {"train_speedup": res["train_step_s"][REFERENCE] / res["train_step_s"][impl],
+                  "generate_speedup": gen[impl] / gen[REFERENCE]}
+        if mem:
+            ratios["peak_memory_ratio"] = mem[impl]["peak"] / mem[REFERENCE]["peak"]
+            ratios["step_memory_ratio"] = mem[impl]["step"] / mem[REFERENCE]["step"]
+        res["vs_reference"][impl] = ratios
+    res.update(res["vs_reference"][ours])  # the first lgemma variant's ratios, also at the top level
+    if mem:
         res["memory_bytes"] = mem
-        res["peak_memory_ratio"] = mem["lgemma"]["peak"] / mem["transformers"]["peak"]
-        res["step_memory_ratio"] = mem["lgemma"]["step"] / mem["transformers"]["step"]
     report(res)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
@@ -347,20 +375,26 @@ def _cpu_name() -> str:
 
 
 def report(r: dict) -> None:
-    t, g = r["train_step_s"], r["generate_tokens_per_s"]
+    """A table with one column per implementation; ratios are against the reference (transformers)."""
+    t, g, v = r["train_step_s"], r["generate_tokens_per_s"], r["vs_reference"]
+    impls = [*v, REFERENCE]
+    w = max(14, *(len(i) + 2 for i in impls))
+    row = lambda label, cells: print(f"{label:22}" + "".join(f"{c:>{w}}" for c in cells))  # noqa: E731
     print(f"\n{r['clock']}, {r.get('cpu') or r.get('gpu')}")
-    print(f"{'':14}{'lgemma':>12}{'transformers':>14}{'ratio':>10}")
-    print(f"{'train step s':14}{t['lgemma']:12.3f}{t['transformers']:14.3f}{r['train_speedup']:9.2f}x faster")
+    row("", impls)
+    row("train step s", [f"{t[i]:.3f}" for i in impls])
+    row("  speed vs reference", [f"{v[i]['train_speedup']:.2f}x" for i in v] + [""])
     if "memory_bytes" in r:
         m = r["memory_bytes"]
-        gib = lambda x: x / 2**30
-        print(f"{'peak GiB':14}{gib(m['lgemma']['peak']):12.2f}{gib(m['transformers']['peak']):14.2f}"
-              f"{r['peak_memory_ratio']:10.2f} of the reference")
-        print(f"{'  of which step':14}{gib(m['lgemma']['step']):12.2f}{gib(m['transformers']['step']):14.2f}"
-              f"{r['step_memory_ratio']:10.2f} (activations, logits, grads)")
-    print(f"{'generate tok/s':14}{g['lgemma']:12.1f}{g['transformers']:14.1f}{r['generate_speedup']:9.2f}x")
-    print(f"targets: training >= 1.5x faster: {r['train_speedup'] >= 1.5}; peak memory <= 0.5x: "
-          f"{r.get('peak_memory_ratio', float('nan')) <= 0.5}; generation >= 1x: {r['generate_speedup'] >= 1.0}")
+        row("peak GiB", [f"{m[i]['peak'] / 2**30:.2f}" for i in impls])
+        row("  of the reference", [f"{v[i]['peak_memory_ratio']:.2f}x" for i in v] + [""])
+        row("step's own GiB", [f"{m[i]['step'] / 2**30:.2f}" for i in impls])
+        row("  of the reference", [f"{v[i]['step_memory_ratio']:.2f}x" for i in v] + [""])
+    row("generate tok/s", [f"{g[i]:.1f}" for i in impls])
+    row("  vs reference", [f"{v[i]['generate_speedup']:.2f}x" for i in v] + [""])
+    for impl, x in v.items():
+        print(f"targets for {impl}: training >= 2x faster: {x['train_speedup'] >= 2}; peak memory <= 0.5x: "
+              f"{x.get('peak_memory_ratio', float('nan')) <= 0.5}; generation >= 1x: {x['generate_speedup'] >= 1.0}")
 
 
 if __name__ == "__main__":

@@ -6,22 +6,40 @@
     splice: embeddings at `<image>` positions := visual tokens
           -> Gemma decoder -> next-token loss on the assistant's reply only
 
-Two details worth knowing:
+Three details worth knowing:
 - The LM head (Dl x vocab, 256K columns for Gemma) is applied only where a label exists.
   At paper scale most positions are image or prompt tokens, so this saves most of the
   head's time and memory.
+- Training memory is mostly the activations the backward pass needs. `checkpoint_activations`
+  keeps fewer of them and recomputes the rest during the backward pass (an option, off by default).
 - Gemma multiplies *token* embeddings by sqrt(hidden_size) (in transformers it happens inside
   the embedding layer). Visual tokens are spliced in after that lookup, so they are not
   scaled: the connector must learn the right norm itself (see notebook 01).
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from .connector import build_connector
 from .data.collate import IGNORE_INDEX
+
+# What "selective" checkpointing keeps: the results of matrix products and attention (slow to
+# recompute). Norms, activation functions, rotary embeddings and residual adds hold as much memory
+# but are cheap to recompute.
+_aten = torch.ops.aten
+KEPT_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, *(
+    getattr(_aten, name).default for name in ("_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention") if hasattr(_aten, name))}
+
+
+def _keep_products(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def splice_images(embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
@@ -59,6 +77,20 @@ class LlavaGemma(nn.Module):
     def num_image_tokens(self) -> int:
         return self.vision.num_patches
 
+    def checkpoint_activations(self, mode: str = "selective") -> None:
+        """Trade compute for memory in training (each decoder layer of the LM, in train mode only):
+        "full" keeps only each layer's input and recomputes the layer in the backward pass (about a
+        third more compute); "selective" also keeps the matrix products' outputs and recomputes only
+        the cheap element-wise ops; "off" keeps everything (the default)."""
+        if mode == "off":
+            return self.lm.activation_checkpointing_disable()
+        if mode not in ("selective", "full"):
+            raise ValueError(f"unknown activation checkpointing {mode!r}; use 'off', 'selective' or 'full'")
+        kwargs = {"use_reentrant": False}
+        if mode == "selective":
+            kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_products)
+        self.lm.activation_checkpointing_enable(kwargs)
+
     def visual_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels [B,3,S,S] or tower features [B,N,Dv] -> visual tokens [B,N,Dl]."""
         features = self.vision(images) if images.dim() == 4 else images
@@ -81,6 +113,8 @@ class LlavaGemma(nn.Module):
         """With `labels`: returns (loss, logits at supervised positions [M, vocab]).
         Without: returns full logits [B, T, vocab]."""
         embeds = self.embed(input_ids, images)
+        if labels is not None:
+            lm_kwargs.setdefault("use_cache", False)  # a loss needs no KV cache
         hidden = self.lm.model(inputs_embeds=embeds, attention_mask=attention_mask, **lm_kwargs).last_hidden_state
         if labels is None:
             return self._head(hidden)

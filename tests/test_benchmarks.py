@@ -24,13 +24,17 @@ def test_benchmark_runs_and_reports_ratios(tmp_path, capsys):
         torch.set_num_threads(threads)
     assert abs(res["losses"]["lgemma"] - res["losses"]["transformers"]) < 1e-3   # same weights, same loss
     assert res["train_speedup"] > 0 and res["generate_speedup"] > 0
-    assert (tmp_path / "r.json").exists() and "x faster" in capsys.readouterr().out
+    assert set(res["vs_reference"]) == {"lgemma", "lgemma+selective"}              # both checkpointing modes
+    assert set(res["train_step_s"]) == {"lgemma", "lgemma+selective", "transformers"}
+    out = capsys.readouterr().out
+    assert (tmp_path / "r.json").exists() and "speed vs reference" in out and "targets for lgemma+selective" in out
 
 
 def test_memory_worker_measures_one_implementation():
     bench = _bench()
-    mem = bench.memory_worker("tiny", "lgemma", 2, "cpu", torch.float32)
-    assert set(mem) == {"peak", "resident", "step"} and mem["peak"] > 0
+    for impl in ("lgemma", "lgemma+selective"):
+        mem = bench.memory_worker("tiny", impl, 2, "cpu", torch.float32)
+        assert set(mem) == {"peak", "resident", "step"} and mem["peak"] > 0
 
 
 def test_tiny_step_benchmark_times_every_setting(capsys):

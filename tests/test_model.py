@@ -71,3 +71,34 @@ def test_images_without_placeholders_and_placeholders_without_images_raise(tiny_
     b = _batch(model, tok, [("What color?", "red")])
     with pytest.raises(ValueError, match="no images"):
         model(b["input_ids"], b["attention_mask"], b["labels"], None)
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_activation_checkpointing_keeps_loss_and_gradients(tiny_model, mode, monkeypatch):
+    """Recomputing activations in the backward pass changes memory, not maths; "selective" keeps
+    the matrix products (its policy sees them) and recomputes the rest; eval mode is untouched."""
+    import lgemma.model as lm_model
+    model, tok = tiny_model
+    b = _batch(model, tok, [("What color is the circle?", "red"), ("Describe the image.", "a small blue square.")])
+    model.train()
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["images"])
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    ref_loss, ref = loss_and_grads()
+    seen = []
+    monkeypatch.setattr(lm_model, "_keep_products", lambda ctx, op, *a, **k: seen.append(op) or
+                        (lm_model.CheckpointPolicy.MUST_SAVE if op in lm_model.KEPT_OPS
+                         else lm_model.CheckpointPolicy.PREFER_RECOMPUTE))
+    model.checkpoint_activations(mode)
+    assert all(layer.gradient_checkpointing for layer in model.lm.model.layers)
+    loss, grads = loss_and_grads()
+    assert torch.allclose(loss, ref_loss) and grads.keys() == ref.keys()
+    assert all(torch.allclose(grads[k], ref[k], atol=1e-6) for k in ref)
+    assert bool(seen) == (mode == "selective") and (not seen or set(seen) & lm_model.KEPT_OPS)
+    model.checkpoint_activations("off")
+    assert not any(layer.gradient_checkpointing for layer in model.lm.model.layers)
+    with pytest.raises(ValueError, match="unknown activation checkpointing"):
+        model.checkpoint_activations("some")
