@@ -45,25 +45,34 @@ def answer(model, tokenizer, questions: list[str], images: torch.Tensor | None, 
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
 
 
+def blind_question(record: dict) -> str:
+    """The record's first question without its image placeholder (text-only records: as written)."""
+    question = turns(record)[0][0]
+    return remove_image(question) if "image" in record else question
+
+
 def predict(model, tokenizer, records: list[dict], image_source, blind: bool = False, batch_size: int = 64,
             progress: bool = True, desc: str = "eval") -> list[str]:
-    """Answers for single-turn evaluation records. `image_source(record) -> tensor`."""
+    """Answers to the first question of each evaluation record. `image_source(record) -> tensor`
+    for records with an `image`; text-only records (and every record when `blind`) get none.
+    A batch holds only records with an image or only records without, and long answers last."""
     model.eval()
     preds = [""] * len(records)
-    order = sorted(range(len(records)), key=lambda i: records[i].get("question_type") in LONG_TYPES)
+    groups = defaultdict(list)  # (long answer?, with image?) -> record indices
+    for i, r in enumerate(records):
+        groups[(r.get("question_type") in LONG_TYPES, "image" in r and not blind)].append(i)
     bar = tqdm(total=len(records), desc=desc, disable=not progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        questions = [turns(records[i])[0][0] for i in idx]
-        long = any(records[i].get("question_type") in LONG_TYPES for i in idx)
-        if blind:
-            out = answer(model, tokenizer, [remove_image(q) for q in questions], None, 48 if long else 8)
-        else:
-            images = torch.stack([image_source(records[i]) for i in idx])
-            out = answer(model, tokenizer, questions, images, 48 if long else 8)
-        for i, a in zip(idx, out):
-            preds[i] = a
-        bar.update(len(idx))
+    for (long, seeing), members in sorted(groups.items()):
+        for start in range(0, len(members), batch_size):
+            idx = members[start:start + batch_size]
+            if seeing:
+                images = torch.stack([image_source(records[i]) for i in idx])
+                out = answer(model, tokenizer, [turns(records[i])[0][0] for i in idx], images, 48 if long else 8)
+            else:
+                out = answer(model, tokenizer, [blind_question(records[i]) for i in idx], None, 48 if long else 8)
+            for i, a in zip(idx, out):
+                preds[i] = a
+            bar.update(len(idx))
     bar.close()
     return preds
 
@@ -133,7 +142,7 @@ def evaluate(model, tokenizer, eval_sets: dict[str, list[dict]], image_source, p
         blind = predict(model, tokenizer, records, image_source, blind=True, progress=progress,
                         desc=f"blind {split}")
         results[split] = {"seeing": score(records, seeing), "blind": score(records, blind),
-                          "examples": [{"id": r["id"], "question": remove_image(turns(r)[0][0]),
+                          "examples": [{"id": r.get("id"), "question": blind_question(r),
                                         "answer": r.get("answer"), "predicted": s, "blind": b}
                                        for r, s, b in list(zip(records, seeing, blind))[:examples]]}
     return results
