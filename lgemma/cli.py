@@ -1,4 +1,4 @@
-"""`lgemma` command line: data | pretrain-unimodal | train | eval | ablate | demo | course.
+"""`lgemma` command line: data | pretrain-unimodal | train | eval | ablate | demo | course | pack | unpack | export.
 
 Every command takes presets (`tiny`, `tiny-noalign`, ...) or YAML files, and `--set
 section.key=value` overrides, e.g.
@@ -138,6 +138,56 @@ def cmd_demo(args):
     launch(run_dirs[0].parent, [d.name for d in run_dirs], args.port, open_browser=bool(has_screen))
 
 
+def cmd_pack(args):
+    from pathlib import Path
+
+    from .pack import pack
+    manifest = pack(args.runs, args.out)
+    parts = {p for v in manifest["variants"] for p in v["stage0"].values() if p}
+    size = Path(args.out).stat().st_size
+    print(f"{args.out}: {', '.join(v['name'] for v in manifest['variants'])} and {len(parts)} stage-0 part(s), "
+          f"{size / 1e6:.1f} MB (safetensors, json, yaml)")
+    print(f"students run `lgemma unpack {Path(args.out).name}` in their lgemma folder: `make demo`, `make lab` "
+          "and the notebooks then load these variants and train nothing")
+
+
+def cmd_unpack(args):
+    from .pack import describe, unpack
+    print(describe(args.archive))
+    for run in unpack(args.archive, args.home, data=not args.no_data):
+        print(f"{run}: ready")
+    print("nothing left to train: `make demo`, `make lab` and the notebooks load these variants")
+
+
+def cmd_export(args):
+    from .pack import export_transformers
+    out = export_transformers(args.run, args.folder)
+    print(f"{out}: transformers' LlavaForConditionalGeneration (config, safetensors, tokenizer, processor); "
+          f"load it with LlavaForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained")
+
+
+def _add_sharing(sub) -> None:
+    """`lgemma pack | unpack | export`: hand trained variants out (lgemma.pack)."""
+    text = "write trained variants, with the stage-0 parts they need, into one zip to hand out"
+    p = sub.add_parser("pack", help=text, description=text + " (safetensors, json and yaml only: no pickles)")
+    p.add_argument("runs", nargs="+", help="finished run folders, e.g. runs/tiny runs/tiny-noalign")
+    p.add_argument("-o", "--out", required=True, help="the zip file to write, e.g. variants.zip")
+    p.set_defaults(fn=cmd_pack)
+    text = "check a pack and put its variants where make demo, make lab and the notebooks find them"
+    p = sub.add_parser("unpack", help=text, description=text + "; nothing is written if any check fails")
+    p.add_argument("archive", help="a zip written by `lgemma pack`")
+    p.add_argument("--home", help="the folder that holds runs/ and data/ (default: $LGEMMA_HOME, else here)")
+    p.add_argument("--no-data", dest="no_data", action="store_true",
+                   help="do not generate the variants' ShapesWorld now (it is generated when first needed)")
+    p.set_defaults(fn=cmd_unpack)
+    text = "write a trained mlp2x_gelu variant as a transformers LlavaForConditionalGeneration folder"
+    p = sub.add_parser("export", help=text, description=text)
+    p.add_argument("run", help="a trained run folder, e.g. runs/tiny-mlp")
+    p.add_argument("--to", required=True, choices=["transformers"], help="the format (transformers' Llava)")
+    p.add_argument("folder", help="a new or empty folder")
+    p.set_defaults(fn=cmd_export)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["course"]:  # course tooling has its own parser: release | grade | run | strip
@@ -145,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return course_main(argv[1:])
     parser = argparse.ArgumentParser(prog="lgemma", description="LLaVA-Gemma, small enough to learn from.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("course", help="course tooling: release | grade | run | strip (see `lgemma course --help`)")
+    sub.add_parser("course", help="course tooling: init (an nbgrader course of the assignments) | run | strip "
+                                     "(see `lgemma course --help`)")
     for name, fn, text in [
         ("data", cmd_data, "generate ShapesWorld (captions, instruct and eval sets) for the given configs"),
         ("pretrain-unimodal", cmd_pretrain, "stage 0: train the tiny CLIP and the tiny Gemma (cached)"),
@@ -180,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2,
                    help="variants trained at once if not cached, one CPU thread each (default: 2)")
     p.set_defaults(fn=cmd_demo, configs=[])
+    _add_sharing(sub)
     args = parser.parse_args(argv)
     try:
         args.fn(args)

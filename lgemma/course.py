@@ -1,19 +1,17 @@
-"""Course tooling: student versions of assignments, grading, and running the whole course.
+"""Course tooling: an nbgrader course of lgemma's assignments, and running the course notebooks.
 
-Assignment notebooks mark solutions the nbgrader way:
+Grading is nbgrader's job, not ours: the assignments in `notebooks/assignments/<id>/<id>.ipynb` are
+nbgrader source notebooks (every cell carries `metadata.nbgrader`), and course staff run nbgrader's
+own commands on them. This module only adds what nbgrader cannot know:
 
-    def add(a, b):
-        ### BEGIN SOLUTION
-        return a + b
-        ### END SOLUTION
-
-and in markdown `<!-- BEGIN SOLUTION --> ... <!-- END SOLUTION -->`. Code cells with a line
-`### AUTOGRADER` hold the tests (plain `assert`s) and are released unchanged.
-
-    lgemma course release [--src notebooks/assignments] [--dst build/student]
-    lgemma course grade NOTEBOOK...
-    lgemma course run [--out build/course] [NOTEBOOK...]
-    lgemma course strip [--check] NOTEBOOK...
+    lgemma course init COURSE [--src notebooks/assignments] [--course-id lgemma]
+        an nbgrader course folder: nbgrader_config.py (course id, time limit per cell), source/
+        with lgemma's assignments, submitted/ for the students' notebooks. Then, in COURSE:
+        nbgrader generate_assignment A1_building_blocks  ->  release/ (the student version)
+        nbgrader autograde A1_building_blocks --create   ->  autograded/ + scores in gradebook.db
+        nbgrader generate_feedback A1_building_blocks    ->  feedback/ (HTML per student)
+    lgemma course run [--out build/course] [NOTEBOOK...]   every course notebook, HTML + times
+    lgemma course strip [--check] NOTEBOOK...              outputs removed before committing
 """
 from __future__ import annotations
 
@@ -21,69 +19,31 @@ import argparse
 import contextlib
 import json
 import os
-import re
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError, DeadKernelError
+from nbclient.exceptions import CellExecutionError
 from nbconvert import HTMLExporter
 from nbconvert.preprocessors import ClearOutputPreprocessor
 
-BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
-PLACEHOLDER = 'raise NotImplementedError("exercise: write your solution here")'
-MD_PLACEHOLDER = "*(your answer here)*"
-_MD_MARKER = re.compile(r"<!--\s*(BEGIN|END) SOLUTION\s*-->")
-_AUTOGRADER = re.compile(r"^[ \t]*### AUTOGRADER", re.MULTILINE)
-_HINT = f"close every `{BEGIN}` with `{END}` and don't nest them"
-
-
-def is_autograder(cell) -> bool:
-    """True for a code cell with a line starting `### AUTOGRADER`."""
-    return cell.cell_type == "code" and bool(_AUTOGRADER.search(cell.source))
-
-
-def _strip_code(source: str, where: str) -> tuple[str, int]:
-    """Replace each solution block by the NotImplementedError line, at the block's indentation."""
-    out, indent, n = [], None, 0
-    for k, line in enumerate(source.splitlines(keepends=True), 1):
-        mark = line.strip()
-        if mark == BEGIN:
-            if indent is not None:
-                raise ValueError(f"{where}, line {k}: nested `{BEGIN}`; {_HINT}")
-            indent = line[:len(line) - len(line.lstrip())]
-        elif mark == END:
-            if indent is None:
-                raise ValueError(f"{where}, line {k}: `{END}` without `{BEGIN}`; {_HINT}")
-            out.append(indent + PLACEHOLDER + ("\n" if line.endswith("\n") else ""))
-            indent, n = None, n + 1
-        elif indent is None:
-            out.append(line)
-    if indent is not None:
-        raise ValueError(f"{where}: `{BEGIN}` is never closed; {_HINT}")
-    return "".join(out), n
-
-
-def _strip_markdown(source: str, where: str) -> tuple[str, int]:
-    """Replace each `<!-- BEGIN SOLUTION --> ... <!-- END SOLUTION -->` span (markers included)."""
-    out, pos, start, n = [], 0, None, 0
-    for m in _MD_MARKER.finditer(source):
-        if m[1] == "BEGIN":
-            if start is not None:
-                raise ValueError(f"{where}: nested <!-- BEGIN SOLUTION -->; close each one before the next")
-            out.append(source[pos:m.start()])
-            start = m.start()
-        else:
-            if start is None:
-                raise ValueError(f"{where}: <!-- END SOLUTION --> without <!-- BEGIN SOLUTION -->")
-            out.append(MD_PLACEHOLDER)
-            pos, start, n = m.end(), None, n + 1
-    if start is not None:
-        raise ValueError(f"{where}: <!-- BEGIN SOLUTION --> is never closed with <!-- END SOLUTION -->")
-    out.append(source[pos:])
-    return "".join(out), n
+ASSIGNMENTS = Path(__file__).resolve().parent.parent / "notebooks" / "assignments"
+CELL_TIMEOUT = 300  # seconds per cell in nbgrader's runs: every assignment takes minutes on 2 CPU cores
+NBGRADER_CONFIG = """\
+# nbgrader configuration of an lgemma course, written by `lgemma course init`.
+# Run nbgrader's commands in this folder (see lgemma's README, "For teachers").
+c = get_config()
+c.CourseDirectory.course_id = {course_id!r}
+# A cell running longer than this is interrupted and its tests fail (the assignments take
+# seconds to a couple of minutes in all on a 2-core laptop).
+c.Execute.timeout = {timeout}
+c.Execute.interrupt_on_timeout = True
+# nbgrader waits only 4 s for a cell's last outputs by default, too short on a busy laptop
+c.Execute.iopub_timeout = 60
+"""
 
 
 def _error_text(ename: str, evalue: str) -> str:
@@ -94,83 +54,42 @@ def _clear_outputs(nb) -> None:
     ClearOutputPreprocessor().preprocess(nb, {})
 
 
-def release_notebook(src: Path, dst: Path) -> dict:
-    """Write the student version of `src` to `dst`: solutions replaced, outputs stripped.
-
-    Returns {notebook, dst, solutions (blocks removed), autograder (test cells kept)}."""
-    src, dst = Path(src), Path(dst)
-    if dst.resolve() == src.resolve():
-        raise ValueError(f"{src}: the student version would overwrite the solutions; pick another destination")
-    nb = nbformat.read(src, as_version=4)
-    solutions = autograder = 0
-    for i, cell in enumerate(nb.cells):
-        where = f"{src.name}, cell {i}"
-        if is_autograder(cell):
-            if BEGIN in cell.source:
-                raise ValueError(f"{where}: an autograder cell contains `{BEGIN}`; "
-                                 "move the solution to its own cell")
-            autograder += 1
-        elif cell.cell_type == "code":
-            cell.source, n = _strip_code(cell.source, where)
-            solutions += n
-        elif cell.cell_type == "markdown":
-            cell.source, n = _strip_markdown(cell.source, where)
-            solutions += n
-    _clear_outputs(nb)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, dst)
-    return {"notebook": src.name, "dst": str(dst), "solutions": solutions, "autograder": autograder}
+def assignments(src: Path = ASSIGNMENTS) -> dict[str, Path]:
+    """nbgrader assignments under `src`: {assignment id: its folder}, for every `<id>/<id>.ipynb`."""
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such folder of assignments (nbgrader's source layout, "
+                                f"<assignment>/<notebook>.ipynb); pass --src")
+    found = {d.name: d for d in sorted(src.iterdir()) if d.is_dir() and list(d.glob("*.ipynb"))}
+    if not found:
+        raise FileNotFoundError(f"{src}: no assignment folders with notebooks (<assignment>/<notebook>.ipynb)")
+    return found
 
 
-def release(src_dir: Path, dst_dir: Path) -> list[dict]:
-    """Release every `*.ipynb` of `src_dir` (not recursive) into `dst_dir`."""
-    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
-    if not src_dir.is_dir():
-        raise FileNotFoundError(f"{src_dir}: no such folder of assignment notebooks")
-    return [release_notebook(p, dst_dir / p.name) for p in sorted(src_dir.glob("*.ipynb"))]
-
-
-def grade_notebook(path: Path, timeout: int = 600) -> dict:
-    """Execute `path` (all cells, errors allowed) and report each autograder cell.
-
-    `timeout` is per cell; a cell that runs longer is interrupted and fails. Returns
-    {notebook, score, passed, total, cells: [{cell, passed, error}], error (notebook-level)}."""
-    path = Path(path)
-    nb = nbformat.read(path, as_version=4)
-    tests = [i for i, c in enumerate(nb.cells) if is_autograder(c)]
-    if not tests:
-        raise ValueError(f"{path}: no autograder cells (code cells with a line `### AUTOGRADER`); nothing to grade")
-    executed, errors, current = set(), {}, {"cell": None}
-
-    def on_execute(cell, cell_index):
-        current["cell"] = cell_index
-
-    def on_executed(cell, cell_index, execute_reply):
-        executed.add(cell_index)
-
-    def on_error(cell, cell_index, execute_reply):
-        content = execute_reply["content"]
-        errors[cell_index] = _error_text(content.get("ename", "Error"), content.get("evalue", ""))
-
-    client = NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", allow_errors=True, interrupt_on_timeout=True,
-        error_on_timeout={"ename": "TimeoutError", "evalue": f"cell ran longer than {timeout} s", "traceback": []},
-        on_cell_execute=on_execute, on_cell_executed=on_executed, on_cell_error=on_error,
-        resources={"metadata": {"path": str(path.parent.resolve())}})
-    notebook_error = None
-    try:
-        client.execute()
-    except DeadKernelError:
-        notebook_error = f"the kernel died in cell {current['cell']}"
-    cells = []
-    for i in tests:
-        error = errors.get(i)
-        if i not in executed:
-            error = f"not run: {notebook_error or 'skipped'}"
-        cells.append({"cell": i, "passed": error is None, "error": error})
-    passed = sum(c["passed"] for c in cells)
-    return {"notebook": path.name, "score": passed / len(cells), "passed": passed, "total": len(cells),
-            "cells": cells, "error": notebook_error}
+def init_course(folder: Path, src: Path = ASSIGNMENTS, course_id: str = "lgemma",
+                timeout: int = CELL_TIMEOUT) -> dict:
+    """Create (or complete) the nbgrader course `folder`: nbgrader_config.py, source/<assignment>/
+    copied from `src`, and an empty submitted/. Existing files are kept, never overwritten (the
+    teacher may have edited them). Returns {"config": written?, "copied": [...], "kept": [...]}."""
+    folder = Path(folder)
+    found = assignments(src)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "nbgrader_config.py"
+    wrote_config = not config.exists()
+    if wrote_config:
+        config.write_text(NBGRADER_CONFIG.format(course_id=course_id, timeout=int(timeout)))
+    copied, kept = [], []
+    for name, path in found.items():
+        dest = folder / "source" / name
+        if dest.exists():
+            kept.append(name)
+            continue
+        shutil.copytree(path, dest, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+        for nb in dest.glob("*.ipynb"):
+            strip_outputs(nb)
+        copied.append(name)
+    (folder / "submitted").mkdir(exist_ok=True)
+    return {"config": wrote_config, "copied": copied, "kept": kept}
 
 
 @contextlib.contextmanager
@@ -259,32 +178,26 @@ def _run_row(r: dict) -> str:
         f"  {r['error']}" if r["error"] else "")
 
 
-def _cmd_release(args) -> int:
-    rows = release(Path(args.src), Path(args.dst))
-    if not rows:
-        print(f"lgemma course release: no *.ipynb in {args.src}", file=sys.stderr)
-        return 1
-    for r in rows:
-        print(f"{r['notebook']:<32} {r['solutions']:>3} solutions removed  {r['autograder']:>3} autograder cells")
-    print(f"student versions in {args.dst}")
+NEXT_STEPS = """\
+next, in {folder}:
+  nbgrader generate_assignment A1_building_blocks    # the student version, in release/A1_building_blocks/
+  (hand it out; put each student's notebook in submitted/<student>/A1_building_blocks/, or: nbgrader zip_collect)
+  nbgrader autograde A1_building_blocks --create     # run and score every submission (gradebook.db)
+  jupyter lab                                        # Nbgrader > Formgrader: grade the written answers
+  nbgrader generate_feedback A1_building_blocks      # feedback/<student>/A1_building_blocks/*.html
+  nbgrader export                                    # grades.csv"""
+
+
+def _cmd_init(args) -> int:
+    folder = Path(args.folder)
+    done = init_course(folder, Path(args.src), args.course_id, args.timeout)
+    print(f"{folder / 'nbgrader_config.py'}: {'written' if done['config'] else 'kept as it was'}")
+    for name in done["copied"]:
+        print(f"source/{name}: copied from {args.src}")
+    for name in done["kept"]:
+        print(f"source/{name}: kept as it was (delete it and rerun to take {args.src}'s version)")
+    print(NEXT_STEPS.format(folder=folder))
     return 0
-
-
-def _cmd_grade(args) -> int:
-    failed = False
-    for nb in args.notebooks:
-        try:
-            g = grade_notebook(Path(nb), timeout=args.timeout)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed = True
-            continue
-        failed |= g["passed"] < g["total"]
-        print(f"{g['notebook']:<32} {g['passed']}/{g['total']}  score {g['score']:.2f}")
-        for c in g["cells"]:
-            if not c["passed"]:
-                print(f"    cell {c['cell']}: {c['error']}")
-    return int(failed)
 
 
 def _cmd_run(args) -> int:
@@ -312,16 +225,18 @@ def _cmd_strip(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`lgemma course ...`; returns the exit code (1 if anything failed)."""
-    parser = argparse.ArgumentParser(prog="lgemma course", description="Course tooling for the notebooks.")
+    parser = argparse.ArgumentParser(prog="lgemma course", description="Course tooling: an nbgrader course of the "
+                                     "assignments, and running the course notebooks.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("release", help="write student versions of the assignment notebooks")
-    p.add_argument("--src", default="notebooks/assignments")
-    p.add_argument("--dst", default="build/student")
-    p.set_defaults(fn=_cmd_release)
-    p = sub.add_parser("grade", help="run notebooks and score their autograder cells")
-    p.add_argument("notebooks", nargs="+")
-    p.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
-    p.set_defaults(fn=_cmd_grade)
+    p = sub.add_parser("init", help="create an nbgrader course folder holding lgemma's assignments",
+                       description="Create (or complete) an nbgrader course: nbgrader_config.py, source/ with "
+                                   "lgemma's assignments, submitted/. Existing files are never overwritten.")
+    p.add_argument("folder", help="the course folder, e.g. ~/lgemma-course")
+    p.add_argument("--src", default=str(ASSIGNMENTS), help="assignment sources (default: notebooks/assignments)")
+    p.add_argument("--course-id", default="lgemma", help="nbgrader's course id (default: lgemma)")
+    p.add_argument("--timeout", type=int, default=CELL_TIMEOUT,
+                   help=f"seconds a cell may run when nbgrader executes a notebook (default {CELL_TIMEOUT})")
+    p.set_defaults(fn=_cmd_init)
     p = sub.add_parser("run", help="run course notebooks top to bottom; HTML and times.json in --out")
     p.add_argument("notebooks", nargs="*", help="default: notebooks/[0-9][0-9]_*.ipynb")
     p.add_argument("--out", default="build/course")
