@@ -149,6 +149,12 @@ def new_config(members: dict, variant: str, edit) -> dict:
     return relisted(members, name, yaml.safe_dump(cfg).encode())
 
 
+def flipped(members: dict, name: str) -> dict:
+    """`members` with the last byte of `name` flipped (same size, other content)."""
+    data = members[name]
+    return {**members, name: data[:-1] + bytes([data[-1] ^ 0xFF])}
+
+
 def _manifest(members, edit):
     manifest = json.loads(members[MANIFEST])
     edit(manifest)
@@ -164,8 +170,7 @@ BAD = {
                                     "outside the target"),
     "an unlisted member": (lambda m: {**m, "variants/tiny/extra.json": b"{}"}, "not in its lgemma-pack.json"),
     "a pickle": (lambda m: relisted(m, "variants/tiny/extra.pkl", b"\x80\x04."), "no pickles"),
-    "a changed weight": (lambda m: {**m, "variants/tiny/model.safetensors":
-                                    m["variants/tiny/model.safetensors"][:-1] + b"\x00"}, "sha256"),
+    "a changed weight": (lambda m: flipped(m, "variants/tiny/model.safetensors"), "sha256"),
     "a newer pack format": (lambda m: _manifest(m, lambda x: x.update(version=99)), "newer lgemma"),
     "an unknown connector": (lambda m: new_config(m, "tiny", lambda c: c["connector"].update(kind="qformer")),
                              r"variant 'tiny': this version of lgemma cannot build it: connector 'qformer'"),
