@@ -50,3 +50,18 @@ def test_tiny_step_benchmark_times_every_setting(capsys):
         torch.set_num_threads(threads)
     assert set(res) == {f"{p}/{a}" for p, a in module.SETTINGS} and all(t > 0 for t in res.values())
     assert "vs float32 + sdpa" in capsys.readouterr().out
+
+
+def test_paper_step_reports_throughput_and_mfu(capsys):
+    """benchmarks/paper_step.py (the GPU check of a paper preset at its real size) at toy size on a CPU."""
+    spec = importlib.util.spec_from_file_location("paper_step", SCRIPT.parent / "paper_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    res = module.main(["--size", "tiny", "--device", "cpu", "--steps", "1", "--precision", "32-true", "--batch", "2",
+                       "--prompt", "4", "--answer", "6", "--peak-tflops", "1"])
+    assert res["tokens_per_step"] == 2 * (1 + 64 + 4 + 6) and res["tokens_per_s"] > 0 and len(res["steps_s"]) == 2
+    assert 0 < res["mfu"] < 1 and res["checkpointing"] == "full" and res["model_tflops_per_step"] > 0
+    model, _ = module.build("paper-2b-clip", "tiny")
+    b = next(module.batches(model, 2, 4, 6))
+    lm_body = sum(p.numel() for p in model.lm.parameters()) - model.lm.get_input_embeddings().weight.numel()
+    assert module.model_flops(model, b) > 6 * lm_body * b["input_ids"].numel()   # plus head, attention, tower
