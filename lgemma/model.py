@@ -83,7 +83,9 @@ class LlavaGemma(nn.Module):
         third more compute); "selective" also keeps the matrix products' outputs and recomputes only
         the cheap element-wise ops; "off" keeps everything (the default)."""
         if mode == "off":
-            return self.lm.activation_checkpointing_disable()
+            if self.lm.is_activation_checkpointing:
+                self.lm.activation_checkpointing_disable()
+            return
         if mode not in ("selective", "full"):
             raise ValueError(f"unknown activation checkpointing {mode!r}; use 'off', 'selective' or 'full'")
         kwargs = {"use_reentrant": False}
