@@ -7,8 +7,9 @@ from nbgrader's gradebook: the solutions get every automatic point (and every po
 gives the written answers theirs, as the formgrader does), the student versions 0, and the grader
 gets through every notebook. `generate_feedback` and `export` finish the teacher's loop.
 
-Each assignment runs three times (validate, two submissions): about N minutes on 2 CPU cores in
-all. The small `lgemma course run` / `strip` tests at the end take seconds."""
+Each assignment runs three times (validate, two submissions); A2 and A3 train their small stage 0
+and variant on the first run only (they keep them in lgemma's cache). The small `lgemma course run`
+/ `strip` tests at the end take seconds."""
 import json
 import os
 import shutil
