@@ -1,7 +1,7 @@
 """lgemma against transformers' `LlavaForConditionalGeneration`: training step time, peak memory
 and KV-cached generation speed, at one config with identical weights.
 
-    python benchmarks/speed_vs_transformers.py --small --batch 4   # 2 CPU cores: about 20 minutes
+    python benchmarks/speed_vs_transformers.py --small --batch 4   # 2 CPU cores: about 15 minutes
     python benchmarks/speed_vs_transformers.py                     # paper scale (ViT-L/14-336 sized tower)
 
 The config: a Gemma 3 270M-sized LM (hidden 640, 18 layers, 4 heads, 1 KV head, head_dim 256,

@@ -39,7 +39,9 @@ class DataConfig:
 @dataclass
 class VisionConfig:
     """A frozen image encoder. `name` is `tiny`/`small` (open_clip ViTs lgemma trains itself in
-    stage 0), an open_clip model name such as `ViT-L-14-336`, or `dinov2:<hub id or folder>`."""
+    stage 0), an open_clip model name such as `ViT-L-14-336`, or `dinov2:<hub id or folder>`.
+    `objective` is how stage 0 trains a tiny/small tower: `clip` (contrastive, on captions) or
+    `dino` (self-supervised on the images alone, DINOv2-style: the paper's other kind of tower)."""
     name: str = "tiny"
     pretrained: str = ""            # open_clip pretrained tag (e.g. "openai") or a weights file
     image_size: int = 64            # 8x8 patches of 8 px (48 px loses too much shape detail)
@@ -50,12 +52,15 @@ class VisionConfig:
     embed_dim: int = 128            # CLIP joint embedding size (stage 0 only)
     feature_layer: int = -2         # LLaVA: penultimate layer
     drop_cls: bool = True           # LLaVA: patch tokens only
+    objective: str = "clip"         # stage 0 of tiny/small: "clip" (captions) or "dino" (images only)
 
 
 @dataclass
 class ConnectorConfig:
-    """The only part trained in stage 1: `linear` or LLaVA-1.5's `mlp2x_gelu`."""
+    """The only part trained in stage 1: `linear`, LLaVA-1.5's `mlp2x_gelu`, or `conv_mlp` (each
+    visual token reads its patch's 3x3 neighbourhood; `pool: 2` makes one token of 2x2 patches)."""
     kind: str = "mlp2x_gelu"
+    pool: int = 1
 
 
 @dataclass
@@ -96,6 +101,9 @@ class Stage0Config:
     clip_steps: int = 200
     clip_batch_size: int = 128
     clip_lr: float = 1e-3
+    dino_steps: int = 200           # the self-supervised tower (vision.objective: dino), two views per image
+    dino_batch_size: int = 64
+    dino_lr: float = 2e-3
     precision: str = "32-true"      # of stage 0 ("auto": as train.precision); the tiny presets use "auto"
     lm_steps: int = 300
     lm_batch_size: int = 32
@@ -110,12 +118,18 @@ class TrainConfig:
     instruct: StageConfig = field(default_factory=lambda: StageConfig(steps=1600, lr=2e-3, lm_lr=2e-3))
     stage0: Stage0Config = field(default_factory=Stage0Config)
     cache_features: bool = True     # frozen tower: compute its features once
-    # Lightning's Trainer settings. Global batch = stage batch_size x devices x accumulate_grad_batches.
+    # Budget curve: evaluate during stage 2 after these fractions of its steps (e.g. [0.0625, 0.125,
+    # 0.25, 0.5, 1.0]) on a fixed subset of `curve_questions` questions per eval split -> instruct/curve.json
+    curve_points: list = field(default_factory=list)
+    curve_questions: int = 400
+    # Lightning's Trainer settings. Global batch = stage batch_size x devices x num_nodes x accumulate_grad_batches.
     precision: str = "auto"         # "auto": bf16-mixed on GPUs and CPUs with native bf16, else 32-true
     strategy: str = "auto"          # "ddp", "fsdp", "deepspeed_stage_2" (needs `pip install deepspeed`), ...
     devices: int | str = 1
+    num_nodes: int = 1              # machines, each with `devices` GPUs (launched by torchrun or SLURM: README)
     accumulate_grad_batches: int = 1
     num_workers: int = 0            # DataLoader workers (image decoding, at paper scale)
+    activation_checkpointing: str = "off"  # "selective" / "full": less LM activation memory, more compute (model.py)
 
 
 @dataclass
@@ -185,6 +199,14 @@ def _tiny() -> Config:
     c.connector.kind = "conv_mlp"
     c.language.attention = "eager"  # in bf16 on a CPU, 1.5x faster steps than sdpa at this size (benchmarks/tiny_step.py)
     c.train.stage0.precision = "auto"
+    return c
+
+
+def _tiny_dino() -> Config:
+    """The tiny preset with the self-supervised tower: the same ViT class and size, trained in stage 0
+    on the images alone (DINOv2-style, `lgemma/unimodal.py`) instead of contrastively on captions."""
+    c = _tiny()
+    c.name, c.vision.objective = "tiny-dino", "dino"
     return c
 
 
@@ -269,6 +291,7 @@ def _paper(name: str, lm: str, vision: str, skip_align: bool = False) -> Config:
                                  lm_lr=2e-5),
             cache_features=False,   # 558K x 576 x 1024 features would not fit anywhere
             precision="bf16-mixed", devices=devices, num_workers=4,
+            activation_checkpointing="full",  # as LLaVA-1.5's scripts (--gradient_checkpointing True)
             # 2B: data parallel fits an 80 GB GPU; 7B (~34 GB of fp32 weights, x4 with Adam): shard it.
             # find_unused_parameters: the 665K mix has text-only samples, and a batch of only those
             # leaves the connector without gradients, which plain ddp treats as an error.
@@ -279,6 +302,7 @@ def _paper(name: str, lm: str, vision: str, skip_align: bool = False) -> Config:
 PRESETS = {
     "tiny": _tiny,
     "tiny-noalign": _tiny_noalign,
+    "tiny-dino": _tiny_dino,
     "tiny-vsmall": lambda: _renamed(_small_vision(_tiny()), "tiny-vsmall"),
     "tiny-lmsmall": lambda: _renamed(_small_lm(_tiny()), "tiny-lmsmall"),
     "small": lambda: _renamed(_small_lm(_small_vision(_tiny())), "small"),

@@ -121,7 +121,7 @@ def stage0_precision(cfg) -> str:
 def trainer_settings(cfg: TrainConfig) -> dict:
     """The run config's Lightning settings as `Trainer` keyword arguments."""
     return dict(precision=resolve_precision(cfg.precision), strategy=cfg.strategy, devices=cfg.devices,
-                accumulate_grad_batches=cfg.accumulate_grad_batches)
+                num_nodes=cfg.num_nodes, accumulate_grad_batches=cfg.accumulate_grad_batches)
 
 
 def global_rank() -> int:
@@ -139,11 +139,24 @@ def make_loader(dataset: LlavaDataset, batch_size: int, shuffle: bool, num_worke
                       persistent_workers=num_workers > 0)
 
 
+def check_steps(what: str, steps: int, loader: DataLoader, fix: str) -> None:
+    """Refuse to start training that would take no step (Lightning would "finish" at once):
+    `steps` below 1, or a loader with no batch, e.g. fewer samples than one batch with drop_last.
+    `fix` says which setting or data to change."""
+    n, batch = len(loader.dataset), loader.batch_size
+    if steps < 1:
+        raise ValueError(f"{what}: steps={steps} would train nothing. {fix}")
+    if len(loader) == 0:
+        why = (f"fewer than one full batch of {batch} (incomplete batches are dropped)" if loader.drop_last and n
+               else "nothing to batch")
+        raise ValueError(f"{what}: {n} training samples, {why}: 0 steps per epoch. {fix}")
+
+
 def train_stage(model: LlavaGemma, stage: str, stage_cfg: StageConfig, dataset: LlavaDataset, out_dir: str | Path,
                 seed: int = 0, trainer_kwargs: dict | None = None, callbacks=(), checkpoint_every: int = 100,
                 num_workers: int = 0) -> dict:
     """Train one stage; resumable. `trainer_kwargs` go to Lightning's `Trainer` (e.g.
-    `trainer_settings(cfg.train)`: strategy, devices, precision, accumulate_grad_batches).
+    `trainer_settings(cfg.train)`: strategy, devices, num_nodes, precision, accumulate_grad_batches).
     Writes into `out_dir`:
     `trained.safetensors` (only trained weights), `logs/` (CSV), `ckpt/last.ckpt` (for resume)
     and `done.json` (seconds, steps, final loss). A finished stage is loaded, not retrained."""
@@ -165,6 +178,9 @@ def train_stage(model: LlavaGemma, stage: str, stage_cfg: StageConfig, dataset: 
     kwargs.update(trainer_kwargs or {})
     trainer = L.Trainer(**kwargs)
     loader = make_loader(dataset, stage_cfg.batch_size, shuffle=True, num_workers=num_workers, seed=seed)
+    check_steps(f"stage {stage} ({dataset.where})", stage_cfg.steps, loader,
+                f"Check its data file, train.{stage}.steps (at least 1) and train.{stage}.batch_size"
+                + (", or skip stage 1 with train.skip_align=true." if stage == "align" else "."))
     last = out / "ckpt" / "last.ckpt"
     resuming = last.exists()
     t0 = time.time()
@@ -175,7 +191,7 @@ def train_stage(model: LlavaGemma, stage: str, stage_cfg: StageConfig, dataset: 
     info = {"stage": stage, "steps": trainer.global_step, "seconds": round(time.time() - t0, 1),
             "final_loss": float(trainer.callback_metrics.get("train_loss", float("nan"))),
             "resumed": resuming, "truncated_samples": len(dataset.truncated),
-            "strategy": type(trainer.strategy).__name__, "world_size": trainer.world_size,
+            "strategy": type(trainer.strategy).__name__, "world_size": trainer.world_size, "num_nodes": trainer.num_nodes,
             "precision": str(trainer.precision),
             "accumulate_grad_batches": trainer.accumulate_grad_batches}
     if trainer.is_global_zero:

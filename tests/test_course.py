@@ -32,6 +32,8 @@ STUDENTS = ("reference", "blank")  # the solution as written by the teacher; the
 def nbgrader(folder: Path, *args: str, timeout: int = 900) -> str:
     """Run nbgrader's command line in the course folder (as course staff do); return its output."""
     env = {k: v for k, v in os.environ.items() if k not in ("LGEMMA_FAST", "LGEMMA_HOME")}
+    # as with an activated .venv (the README's first line for teachers): nbgrader runs `alembic` by name
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     proc = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=folder, env=env, timeout=timeout,
                           capture_output=True, text=True)
     out = proc.stdout + proc.stderr

@@ -20,7 +20,27 @@ from lgemma.training import trainer_settings
 def test_config_reaches_the_trainer():
     cfg = get_preset("paper-7b-clip")
     assert trainer_settings(cfg.train) == {"precision": "bf16-mixed", "strategy": "fsdp", "devices": 8,
-                                           "accumulate_grad_batches": 1}
+                                           "num_nodes": 1, "accumulate_grad_batches": 1}
+
+
+def test_num_nodes_flag_reaches_the_trainer(capsys):
+    """`lgemma train --num-nodes 2` -> train.num_nodes -> Lightning's Trainer (2 nodes x 1 process here)."""
+    import argparse
+
+    import lightning as L
+    import pytest
+
+    from lgemma import cli
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "--num-nodes" in capsys.readouterr().out
+    args = argparse.Namespace(configs=["paper-2b-clip"], set=[], strategy="ddp", devices="1", num_nodes=2,
+                              precision="32-true", accumulate=None, num_workers=None)
+    cfg, = cli._configs(args)
+    settings = trainer_settings(cfg.train)
+    assert cfg.train.num_nodes == 2 and settings["num_nodes"] == 2
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, **settings)
+    assert trainer.num_nodes == 2 and trainer.world_size == 2 and type(trainer.strategy).__name__ == "DDPStrategy"
 
 
 def _standin_run_config(root, tokenizer):
