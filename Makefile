@@ -48,4 +48,4 @@ clean-runs:
 
 .PHONY: ablation
 ablation: $(STAMP)
-	$(BIN)/lgemma ablate --jobs 2
+	$(BIN)/lgemma ablate --jobs 2 --results results/ablation

@@ -1,15 +1,19 @@
-"""The paper's ablation at laptop scale, with error bars.
+"""The paper's ablation at laptop scale, with error bars and budget curves.
 
 LLaVA-Gemma varies three design choices and reports one run of each. lgemma reruns every
 axis on ShapesWorld, several seeds per cell, so a difference can be told apart from noise:
 
-    {stage 1 on, off} x {vision tiny, small} x {LM tiny, small} x seeds
+    {stage 1 on, off} x {vision CLIP-style, DINO-style} x {LM tiny, small} x seeds
 
-Every run is an ordinary variant (`runs/ablation/<run>/`, cached and resumable like any
-`train_variant` call); stage 0 is shared by all runs that use the same tower or LM, as the
-paper's runs share one pretrained CLIP and Gemma. The summary gives, per benchmark, the mean
-and 95% confidence interval of each cell, and the effect of each axis as a paired difference
-(same seed, same other axes) with its interval.
+The vision axis is the paper's: a tower trained with language supervision (CLIP) against one
+trained on images alone (DINOv2), both the same tiny ViT here. Every run is an ordinary variant
+(`runs/ablation/<run>/`, cached and resumable like any `train_variant` call); stage 0 is shared by
+all runs that use the same tower or LM, as the paper's runs share one pretrained CLIP and Gemma.
+Each run is scored at several points of stage 2 (its budget curve, on a fixed set of held-out
+questions), so every effect is a curve: the effect of stage 1 at 1/16 of stage 2 need not be its
+effect at the end. The summary gives, per benchmark and budget point, the mean and 95% interval
+of each cell, and the effect of each axis as a paired difference (same seed, same other axes)
+with its interval; the LM axis also at equal compute (seconds of training).
 """
 from __future__ import annotations
 
@@ -42,23 +46,25 @@ PAPER_BENCHMARKS = ("gqa", "mme_cognition", "mme_perception", "mm_vet", "pope_ac
                     "vqav2", "textvqa", "scienceqa_img", "mmvp")
 
 
+# The grid's recipe, the same for every cell: the `tiny` preset's (its connector `conv_mlp`, whose 3x3
+# window gives each visual token its object's shape, and bf16 where the CPU has it) on a shorter
+# schedule, so that 24 runs fit an hour on a 2-core laptop, scored at 1/16, 1/8, 1/4, 1/2 and all of
+# stage 2 (the budget curve). Fast mode (LGEMMA_FAST=1) uses its own tiny schedule.
+GRID_RECIPE = ("train.instruct.steps=800", "train.curve_points=[0.0625,0.125,0.25,0.5,1.0]")
+
+
 @dataclass
 class Grid:
     """What to run. `levels` maps each axis to its two levels (first = the baseline, as in the
-    paper: stage 1 on, the smaller tower, the smaller LM); `budget` and `overrides` are
-    `--set` style overrides applied to the `base` preset before the axes."""
+    paper: stage 1 on, the CLIP-style tower, the smaller LM); `budget` and `overrides` are
+    `--set` style overrides applied to the `base` preset before the axes. Vision levels: `clip`
+    and `dino` (the tower's stage-0 objective, same size), or `tiny` and `small` (CLIP-style
+    towers of two sizes); LM levels: `tiny` and `small`."""
     base: str = "tiny"
     levels: dict = field(default_factory=lambda: {
-        "align": ("on", "off"), "vision": ("tiny", "small"), "language": ("tiny", "small")})
+        "align": ("on", "off"), "vision": ("clip", "dino"), "language": ("tiny", "small")})
     seeds: tuple = (0, 1, 2)
-    # The paper's recipe (LLaVA-1.5's `mlp2x_gelu` connector, batch 32) on a much shorter schedule
-    # than `make train`'s, so that 24 runs fit 40 minutes on a 2-core laptop: every cell is compared
-    # at equal (short) steps, which notebook 04 discusses. Float32 and sdpa attention, as the
-    # README's grid numbers were measured (without these two, CPUs with native bf16 run it about
-    # twice as fast). Fast mode (LGEMMA_FAST=1) uses its own tiny schedule.
-    budget: tuple = ("train.align.steps=80", "train.instruct.steps=100", "train.instruct.batch_size=32",
-                     "connector.kind=mlp2x_gelu", "train.precision=32-true", "train.stage0.precision=32-true",
-                     "language.attention=sdpa")
+    budget: tuple = GRID_RECIPE
     overrides: tuple = ()     # the user's own, applied last (they win over the budget)
     folder: str = "ablation"  # runs go to <runs_dir>/<folder>/<run name>/
 
@@ -68,6 +74,11 @@ class Grid:
         values = [self.levels[a] for a in AXES] + [self.seeds]
         return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
+    def budget_steps(self) -> list[int]:
+        """The stage-2 steps at which every run is scored (the same for every cell)."""
+        from .pipeline import budget_steps
+        return budget_steps(cell_config(self, self.cells()[0]))
+
 
 def run_name(cell: dict) -> str:
     return f"align-{cell['align']}_vision-{cell['vision']}_lm-{cell['language']}_seed{cell['seed']}"
@@ -76,11 +87,12 @@ def run_name(cell: dict) -> str:
 def cell_config(grid: Grid, cell: dict) -> Config:
     """The variant config of one grid cell."""
     from .pipeline import fast_mode, get_config
-    cfg = get_config(grid.base, ([] if fast_mode() else list(grid.budget)) + list(grid.overrides))
+    recipe = [b for b in grid.budget if b.startswith("train.curve_points")] if fast_mode() else list(grid.budget)
+    cfg = get_config(grid.base, recipe + list(grid.overrides))
     if cell["align"] not in ("on", "off"):
         raise ValueError(f"align level {cell['align']!r}: use 'on' or 'off'")
     cfg.train.skip_align = cell["align"] == "off"
-    cfg.vision = _size(cell["vision"], cfg.vision, small_vision, VisionConfig, "vision")
+    cfg.vision = _vision(cell["vision"], cfg.vision)
     attention = cfg.language.attention  # both LM sizes run the same attention code
     cfg.language = _size(cell["language"], cfg.language, small_language, LanguageConfig, "language")
     cfg.language.attention = attention
@@ -89,8 +101,23 @@ def cell_config(grid: Grid, cell: dict) -> Config:
     return cfg
 
 
+VISION_LEVELS = ("clip", "dino", "tiny", "small")
+
+
+def _vision(level: str, current: VisionConfig) -> VisionConfig:
+    """`clip` / `dino`: the base preset's tower trained by that stage-0 objective (the paper's axis);
+    `tiny` / `small`: CLIP-style towers of two sizes."""
+    if level in ("clip", "dino"):
+        v = copy.deepcopy(current)
+        v.objective = level
+        return v
+    if level in ("tiny", "small"):
+        return _size(level, current, small_vision, VisionConfig, "vision")
+    raise ValueError(f"vision level {level!r}: the grid knows {', '.join(VISION_LEVELS)}")
+
+
 def _size(level: str, current, small, cls, axis: str):
-    if level == current.name:
+    if level == current.name and getattr(current, "objective", "clip") == "clip":
         return copy.deepcopy(current)
     if level == "small":
         return small()
@@ -100,46 +127,72 @@ def _size(level: str, current, small, cls, axis: str):
 
 
 def run_grid(grid: Grid, progress: bool = True, jobs: int = 1) -> pd.DataFrame:
-    """Train and evaluate every cell that has no results yet; returns one row per run.
+    """Train and evaluate every cell that has no results yet; returns one row per run and budget
+    point (`step`, `seconds` of training so far, the benchmarks), also written to `runs.csv`
+    beside the runs. Runs without a budget curve (trained before curves existed, or with
+    `train.curve_points` empty) give one row, from their final evaluation.
 
-    Resumable: finished runs are read from their `metrics.json`; a run killed halfway
-    continues from its last checkpoint (see `train_variant`). `jobs > 1` trains that many
-    runs at once, each in its own process on one CPU thread: tiny models use two
-    cores better as two runs than as one run on two threads."""
+    Resumable: finished runs are read, not retrained; a run killed halfway continues from its
+    last checkpoint (see `train_variant`). `jobs > 1` trains that many runs at once, each in its
+    own process on one CPU thread: tiny models use two cores better as two runs than as one run
+    on two threads."""
     from .pipeline import train_variant
     cells = grid.cells()
     configs = {run_name(c): cell_config(grid, c) for c in cells}
     train_variants(list(configs.values()), jobs, progress, desc="ablation grid")  # with jobs > 1, the unfinished ones
     rows = []
-    bar = tqdm(cells, desc="ablation grid", unit="run", disable=not progress)
-    for cell in bar:
+    for cell in cells:  # with jobs == 1 (or one run left) they train here, one after the other
         cfg = configs[run_name(cell)]
-        bar.set_postfix_str(run_name(cell))
         done = (cfg.run_dir / "metrics.json").exists()
         metrics = train_variant(cfg, progress=progress and not done)
-        rows.append({**cell, "run": cfg.name, **benchmarks(metrics)})
+        rows += budget_rows(cell, cfg, metrics)
     table = pd.DataFrame(rows)
     table.to_csv(configs[run_name(cells[0])].run_dir.parent / "runs.csv", index=False)
     return table
 
 
+def budget_rows(cell: dict, cfg: Config, metrics: dict) -> list[dict]:
+    """One row per budget point of a run (from `instruct/curve.json`), or one from its final
+    evaluation when it has no curve."""
+    curve_file = cfg.run_dir / "instruct" / "curve.json"
+    base = {**cell, "run": cfg.name}
+    align = metrics["train_seconds"].get("align", 0.0)
+    if not curve_file.exists():
+        return [{**base, "step": cfg.train.instruct.steps, "seconds": metrics["train_seconds"]["total"],
+                 **benchmarks(metrics)}]
+    return [{**base, "step": r["step"], "seconds": round(align + r["seconds"], 1), **curve_benchmarks(r)}
+            for r in json.loads(curve_file.read_text())]
+
+
+def final_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Each run's last budget point (the whole stage-2 budget)."""
+    return table.sort_values("step").groupby("run", sort=False).tail(1).sort_index()
+
+
 def benchmarks(metrics: dict) -> dict:
-    """The ShapesWorld "benchmarks" of one run, flat: overall held-out accuracy, each
-    question family, POPE F1 and yes-ratio, the compositional split and the blind gap."""
+    """The ShapesWorld "benchmarks" of one run's final evaluation, flat: overall held-out accuracy,
+    each question family, POPE F1 and yes-ratio, the compositional split and the blind gap."""
     pope = metrics["pope"]
     out = {"heldout": metrics["heldout_accuracy"],
-           **{t: metrics["per_type"][t] for t in QUESTION_TYPES},
-           "pope_f1": pope["all"]["f1"], "pope_adversarial_f1": pope["adversarial"]["f1"],
-           "yes_ratio": pope["all"]["yes_ratio"],
-           "compositional": metrics["compositional_accuracy"],
+           **{t: metrics["per_type"].get(t, math.nan) for t in QUESTION_TYPES},
+           "pope_f1": pope["all"]["f1"], "yes_ratio": pope["all"]["yes_ratio"],
+           "compositional": metrics.get("compositional_accuracy", math.nan),
            "blind": metrics["heldout_blind_accuracy"],
-           "blind_gap": metrics["heldout_accuracy"] - metrics["heldout_blind_accuracy"],
-           "train_seconds": metrics["train_seconds"]["total"]}
+           "blind_gap": metrics["heldout_accuracy"] - metrics["heldout_blind_accuracy"]}
     return out
 
 
-BENCHMARKS = ("heldout", *QUESTION_TYPES, "pope_f1", "pope_adversarial_f1", "yes_ratio",
-              "compositional", "blind", "blind_gap")
+def curve_benchmarks(row: dict) -> dict:
+    """The same benchmarks from one budget-curve point (`pipeline.BudgetCurve`, a fixed subset of
+    the held-out and compositional questions)."""
+    pope = row.get("heldout_pope", {})
+    return {"heldout": row["heldout"], **{t: row["heldout_per_type"].get(t, math.nan) for t in QUESTION_TYPES},
+            "pope_f1": pope.get("f1", math.nan), "yes_ratio": pope.get("yes_ratio", math.nan),
+            "compositional": row.get("compositional", math.nan), "blind": row["heldout_blind"],
+            "blind_gap": row["heldout"] - row["heldout_blind"]}
+
+
+BENCHMARKS = ("heldout", *QUESTION_TYPES, "pope_f1", "yes_ratio", "compositional", "blind", "blind_gap")
 
 
 # ---------------------------------------------------------------- statistics
@@ -155,7 +208,9 @@ def mean_ci(values, confidence: float = 0.95) -> dict:
 
 
 def summarize(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
-    """Per cell (align, vision, language) and benchmark: mean, interval and n over seeds."""
+    """Per cell (align, vision, language) and benchmark: mean, interval and n over seeds, at the
+    whole stage-2 budget (each run's last budget point)."""
+    table = final_rows(table) if "step" in table else table
     rows = []
     for cell, group in table.groupby(list(AXES), sort=False):
         for b in BENCHMARKS:
@@ -169,7 +224,9 @@ def effects(table: pd.DataFrame, grid: Grid, at: dict | None = None, confidence:
     "tiny"}` compares only at the baseline, like the paper's one-at-a-time rows); by default
     the effect is averaged over them (the main effect of a factorial design).
 
-    `distinguishable` is True when the interval excludes zero."""
+    `distinguishable` is True when the interval excludes zero. Measured at the whole stage-2
+    budget (each run's last budget point); `effects_by_budget` gives the curve."""
+    table = final_rows(table) if "step" in table else table
     rows = []
     for axis in AXES:
         if len(grid.levels[axis]) < 2:  # an axis held fixed has no effect to measure
@@ -192,6 +249,49 @@ def effects(table: pd.DataFrame, grid: Grid, at: dict | None = None, confidence:
                          "delta": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "pairs": ci["n"],
                          "distinguishable": bool(ci["n"] > 1 and (ci["lo"] > 0 or ci["hi"] < 0))})
     return pd.DataFrame(rows)
+
+
+def effects_by_budget(table: pd.DataFrame, grid: Grid, at: dict | None = None,
+                      confidence: float = 0.95) -> pd.DataFrame:
+    """`effects` at every budget point (column `step`): how an axis' effect changes with the
+    stage-2 budget, e.g. stage 1 helping a short stage 2 and not a long one."""
+    frames = [effects(g.drop(columns="step"), grid, at, confidence).assign(step=step)
+              for step, g in table.groupby("step")]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def lm_equal_compute(table: pd.DataFrame, grid: Grid, benchmarks=("heldout", "compositional", "spatial", "shape"),
+                     confidence: float = 0.95) -> pd.DataFrame:
+    """The LM axis at equal compute: for each pair of runs that differ only in the LM, the larger
+    LM's budget curve (interpolated in log seconds) at the training seconds the smaller LM had
+    reached at each of its budget points, minus the smaller LM's score there. Points where the
+    larger LM has no curve yet (it is slower per step, so its first point comes later) are left
+    out. Compare with `effects_by_budget` (equal steps)."""
+    import numpy as np
+    if len(grid.levels["language"]) < 2:
+        return pd.DataFrame()             # one LM in the grid: no LM axis to compare
+    base, other = grid.levels["language"][:2]
+    rows = []
+    for key, g in table.groupby(["align", "vision", "seed"]):
+        a, b = g[g.language == base].sort_values("seconds"), g[g.language == other].sort_values("seconds")
+        if len(a) == 0 or len(b) < 2:
+            continue
+        for _, r in a.iterrows():
+            if not b.seconds.min() <= r.seconds <= b.seconds.max():
+                continue
+            for bench in benchmarks:
+                value = np.interp(math.log(r.seconds), np.log(b.seconds.to_numpy()), b[bench].to_numpy())
+                rows.append({"align": key[0], "vision": key[1], "seed": key[2], "step": r.step,
+                             "seconds": r.seconds, "benchmark": bench, "diff": float(value - r[bench])})
+    diffs = pd.DataFrame(rows)
+    out = []
+    for (step, bench), g in (diffs.groupby(["step", "benchmark"]) if len(diffs) else []):
+        ci = mean_ci(g["diff"], confidence)
+        out.append({"axis": "language", "change": f"{other} - {base} at equal seconds", "step": step,
+                    "seconds": g.seconds.mean(), "benchmark": bench, "delta": ci["mean"], "lo": ci["lo"],
+                    "hi": ci["hi"], "pairs": ci["n"],
+                    "distinguishable": bool(ci["n"] > 1 and (ci["lo"] > 0 or ci["hi"] < 0))})
+    return pd.DataFrame(out)
 
 
 def verdict(row) -> str:
@@ -263,15 +363,78 @@ def write_summary(table: pd.DataFrame, grid: Grid, out_dir: str | Path) -> dict:
     base = {a: grid.levels[a][0] for a in AXES}
     result = {"summary": summarize(table), "effects": effects(table, grid),
               "effects_at_baseline": effects(table, grid, at=base),
+              "effects_by_budget": effects_by_budget(table, grid) if "step" in table else pd.DataFrame(),
+              "lm_equal_compute": lm_equal_compute(table, grid) if "seconds" in table else pd.DataFrame(),
               "paper_deltas": paper_deltas()}
     result["side_by_side"] = side_by_side(result["effects"])
     for name, df in result.items():
         df.to_csv(out / f"{name}.csv", index=False)
     if len(result["effects"]):
         plot_effects(result["effects"]).savefig(out / "effects.png", dpi=120, bbox_inches="tight")
-    (out / "grid.json").write_text(json.dumps({"base": grid.base, "levels": grid.levels, "seeds": list(grid.seeds),
-                                                "budget": list(grid.budget), "overrides": list(grid.overrides)}, indent=2))
+    (out / "grid.json").write_text(json.dumps(grid_spec(grid), indent=2))
     return result
+
+
+def grid_spec(grid: Grid) -> dict:
+    """What defines a grid's results: levels, seeds, recipe and budget points."""
+    return {"base": grid.base, "levels": {k: list(v) for k, v in grid.levels.items()}, "seeds": list(grid.seeds),
+            "budget": list(grid.budget), "overrides": list(grid.overrides), "budget_steps": grid.budget_steps()}
+
+
+# ---------------------------------------------------------------- reference results (results/ablation/)
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "results" / "ablation"
+RESULT_COLUMNS = ("align", "vision", "language", "seed", "step", "seconds", *BENCHMARKS)
+
+
+def write_results(table: pd.DataFrame, grid: Grid, out_dir: str | Path, wall_seconds: float, command: str,
+                  trained: int) -> Path:
+    """The grid's reference results, small enough to commit: `runs.csv` (one row per run and budget
+    point), `effects.csv` (every axis at every budget point, plus the LM at equal compute) and
+    `provenance.json` (command, commit, machine, threads, date, wall time, grid)."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = table[list(RESULT_COLUMNS)].copy()
+    runs.to_csv(out / "runs.csv", index=False, float_format="%.4f")
+    eff = pd.concat([effects_by_budget(table, grid), lm_equal_compute(table, grid)], ignore_index=True)
+    eff.to_csv(out / "effects.csv", index=False, float_format="%.4f")
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    provenance = {"command": command, "commit": git("rev-parse", "HEAD"),
+                  "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+                  "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()},
+                  "threads": "one per worker", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                      timespec="seconds"),
+                  "wall_seconds": round(wall_seconds, 1), "runs_trained_by_this_command": trained,
+                  "runs": int(table.run.nunique()), "grid": grid_spec(grid)}
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return out
+
+
+def load_results(grid: Grid | None = None, results_dir: str | Path | None = None) -> tuple[pd.DataFrame, dict, str]:
+    """The grid's table: the local runs (`make ablation`) when every run of `grid` exists, else the
+    committed reference results. Returns (table, provenance or {}, which: "local" or "reference")."""
+    grid = grid or Grid()
+    if not missing_runs(grid):
+        return run_grid(grid, progress=False), {}, "local"
+    folder = Path(results_dir) if results_dir else RESULTS_DIR
+    if not (folder / "runs.csv").exists():
+        raise FileNotFoundError(f"{folder / 'runs.csv'} not found and the local grid is incomplete: run "
+                                f"`make ablation` (about an hour) to train it")
+    table = pd.read_csv(folder / "runs.csv")
+    table["run"] = table.apply(lambda r: run_name(r.to_dict()), axis=1)
+    return table, json.loads((folder / "provenance.json").read_text()), "reference"
 
 
 def plot_effects(effects_df: pd.DataFrame, benchmarks=BENCHMARKS):

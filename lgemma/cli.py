@@ -6,6 +6,7 @@ section.key=value` overrides, e.g.
     lgemma train tiny --set train.instruct.steps=400
     LGEMMA_FAST=1 lgemma train tiny          # seconds, for a quick look
     lgemma train paper-2b-clip --strategy ddp --devices 8 --precision bf16-mixed --accumulate 1
+    lgemma eval runs/paper-2b-clip --benchmark pope=/data/pope --benchmark gqa=/data/gqa
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from .config import PRESETS
 
@@ -23,7 +25,7 @@ def _configs(args):
 
 
 # `lgemma train` flags for Lightning's Trainer; each is shorthand for a `--set train.<field>=...`
-TRAINER_FLAGS = {"strategy": "strategy", "devices": "devices", "precision": "precision",
+TRAINER_FLAGS = {"strategy": "strategy", "devices": "devices", "num_nodes": "num_nodes", "precision": "precision",
                  "accumulate": "accumulate_grad_batches", "num_workers": "num_workers"}
 
 
@@ -33,9 +35,12 @@ def _trainer_overrides(args) -> list[str]:
 
 
 def _add_trainer_flags(p: argparse.ArgumentParser):
-    g = p.add_argument_group("scale-out (Lightning Trainer; global batch = batch_size x devices x accumulate)")
+    g = p.add_argument_group("scale-out (Lightning Trainer; global batch = batch_size x devices x nodes x accumulate)")
     g.add_argument("--strategy", help="ddp, fsdp, deepspeed_stage_2 (needs deepspeed), ... (train.strategy)")
     g.add_argument("--devices", help="GPUs (or CPU processes) per node, e.g. 8 (train.devices)")
+    g.add_argument("--num-nodes", dest="num_nodes", type=int,
+                   help="machines, each with --devices GPUs; start one process per GPU with torchrun or srun "
+                        "(README: paper scale) (train.num_nodes)")
     g.add_argument("--precision", help="e.g. bf16-mixed, 16-mixed, 32-true (train.precision)")
     g.add_argument("--accumulate", type=int, help="gradient accumulation steps (train.accumulate_grad_batches)")
     g.add_argument("--num-workers", dest="num_workers", type=int, help="DataLoader workers (train.num_workers)")
@@ -94,16 +99,54 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from .pipeline import evaluate_variant, load_variant
+    from pathlib import Path
+
+    from .pipeline import evaluate_variant, get_config, load_variant
+    if args.benchmark:
+        return cmd_eval_benchmarks(args)
     rows = []
-    for cfg in _configs(args):
-        model, tokenizer, saved = load_variant(cfg.run_dir)
+    for name in args.configs:  # a run folder, or a preset / YAML whose run is trained
+        run_dir = Path(name) if (Path(name) / "model.safetensors").exists() else get_config(name, args.set).run_dir
+        model, tokenizer, saved = load_variant(run_dir)
         metrics = evaluate_variant(model, tokenizer, saved)
-        old = json.loads((cfg.run_dir / "metrics.json").read_text()) if (cfg.run_dir / "metrics.json").exists() else {}
+        old = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
         metrics = {**old, **metrics, "variant": saved.name, "train_seconds": old.get("train_seconds", {"total": 0})}
-        (cfg.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         rows.append(metrics)
     print(results_table(rows))
+
+
+def cmd_eval_benchmarks(args):
+    """`lgemma eval <model> --benchmark pope=DIR ...`: the paper's benchmarks, beside the paper's table."""
+    from .paper_benchmarks import beside_paper, evaluate_model
+    benchmarks = {}
+    for item in args.benchmark:
+        name, _, folder = item.partition("=")
+        if not folder:
+            raise ValueError(f"--benchmark {item!r} must look like NAME=FOLDER, e.g. pope=/data/pope")
+        benchmarks[name] = folder
+    for source in args.configs:
+        out = args.out if args.out is None or len(args.configs) == 1 else f"{args.out}/{source.rstrip('/').split('/')[-1]}"
+        metrics = evaluate_model(source, benchmarks, out, args.set, args.device, args.dtype, args.batch_size,
+                                 args.max_questions)
+        rows = beside_paper(metrics, f"{metrics['model']} (this run)")
+        rows.insert(0, {k: k for k in rows[0]})  # the header
+        widths = {k: max(len(r[k]) for r in rows) for k in rows[0]}
+        print("\n" + "\n".join("  ".join(r[k].ljust(w) if k == "model" else r[k].rjust(w) for k, w in widths.items())
+                                for r in rows))
+        print(f"\n{source}: predictions and paper_benchmarks.json in {metrics['out_dir']}")
+
+
+def _add_eval_flags(p: argparse.ArgumentParser):
+    g = p.add_argument_group("the paper's benchmarks (configs may also be run folders or transformers Llava folders)")
+    g.add_argument("--benchmark", action="append", default=[], metavar="NAME=FOLDER",
+                   help="pope, gqa or mmvp and the folder of its official files (repeatable); see README")
+    g.add_argument("--out", help="where predictions (resumable) and metrics go (default: <model folder>/paper_benchmarks)")
+    g.add_argument("--max-questions", dest="max_questions", type=int,
+                   help="only the first N questions (of each POPE split), for a quick look")
+    g.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="questions answered at once (16)")
+    g.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="(float32)")
 
 
 def cmd_ablate(args):
@@ -115,9 +158,16 @@ def cmd_ablate(args):
                          overrides=tuple(args.set))
     print(f"ablation grid: {len(grid.cells())} runs ({' x '.join(str(len(v)) for v in grid.levels.values())}"
           f" x {len(grid.seeds)} seeds), finished runs are reused")
+    missing = len(ablation.missing_runs(grid))
     table = ablation.run_grid(grid, jobs=args.jobs)
     out = ablation.cell_config(grid, grid.cells()[0]).run_dir.parent
     result = ablation.write_summary(table, grid, out)
+    if args.results and (missing or not (Path(args.results) / "runs.csv").exists()):
+        # reference results are rewritten only by a command that trained something (or when absent):
+        # a cached rerun must not replace the wall time of the run that made them
+        command = "lgemma " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("lgemma") else "lgemma ablate"
+        ablation.write_results(table, grid, args.results, time.time() - t0, command, missing)
+        print(f"reference results written to {args.results}/ (runs.csv, effects.csv, provenance.json)")
     eff = result["effects"]
     if len(eff):
         eff = eff.assign(verdict=eff.apply(ablation.verdict, axis=1))
@@ -201,10 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         ("data", cmd_data, "generate ShapesWorld (captions, instruct and eval sets) for the given configs"),
         ("pretrain-unimodal", cmd_pretrain, "stage 0: train the tiny CLIP and the tiny Gemma (cached)"),
         ("train", cmd_train, "data, stage 0, stage 1 (unless skip_align), stage 2 and eval; prints a table"),
-        ("eval", cmd_eval, "re-evaluate trained variants (held-out, compositional, blind baseline)"),
+        ("eval", cmd_eval, "re-evaluate trained variants (held-out, compositional, blind baseline), or run "
+                           "the paper's benchmarks (--benchmark pope=DIR, gqa=DIR, mmvp=DIR)"),
     ]:
         p = sub.add_parser(name, help=text, description=text)
         _add_common(p)
+        if name == "eval":
+            _add_eval_flags(p)
         if name == "train":
             _add_trainer_flags(p)
             p.add_argument("--jobs", type=int, default=1,
@@ -215,12 +268,15 @@ def main(argv: list[str] | None = None) -> int:
                                    "resumable), then write mean, 95% interval and per-axis effects.")
     p.add_argument("--base", default="tiny", help="preset the grid starts from (default: tiny)")
     p.add_argument("--align", nargs="+", default=["on", "off"], choices=["on", "off"], help="stage 1 levels")
-    p.add_argument("--vision", nargs="+", default=["tiny", "small"], choices=["tiny", "small"], help="tower levels")
+    p.add_argument("--vision", nargs="+", default=["clip", "dino"], choices=["clip", "dino", "tiny", "small"],
+                   help="tower levels: the stage-0 objective (clip, dino: the paper's axis) or the CLIP size (tiny, small)")
     p.add_argument("--language", nargs="+", default=["tiny", "small"], choices=["tiny", "small"], help="LM levels")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of stages 1 and 2 (default: 0 1 2)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once, one CPU thread each (2 suits a 2-core laptop; default: 1)")
     p.add_argument("--folder", default="ablation", help="runs go to <runs_dir>/<folder>/ (default: ablation)")
+    p.add_argument("--results", help="also write the small reference results (runs.csv, effects.csv, "
+                                     "provenance.json) to this folder, e.g. results/ablation (make ablation does)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the base config, e.g. --set train.instruct.steps=600 (repeatable)")
     p.set_defaults(fn=cmd_ablate)

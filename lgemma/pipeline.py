@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -44,6 +45,7 @@ def apply_fast(cfg: Config) -> Config:
     d.n_train, d.n_heldout, d.n_compositional = 400, 40, 40
     d.root = d.root.rstrip("/") + "-fast"
     t.stage0.clip_steps, t.stage0.lm_steps, t.stage0.clip_batch_size = 20, 20, 64
+    t.stage0.dino_steps, t.stage0.dino_batch_size = 20, 32
     t.align.steps, t.instruct.steps = 10, 20
     t.align.batch_size = t.instruct.batch_size = 16
     if cfg.language.name not in TINY_LMS:  # a real LM (gemma3-270m) is ~70x slower per sample on a CPU
@@ -128,12 +130,12 @@ def records(cfg: Config, which: str) -> list[dict]:
     return load_records(Path(cfg.data.root) / files[which])
 
 
-def eval_records(cfg: Config) -> dict[str, list[dict]]:
-    """Every eval split's records; with `data.eval_max_questions` a fixed random subset of each
-    (seeded, in file order), so that slow LMs are evaluated in minutes on the same questions."""
+def eval_records(cfg: Config, limit: int | None = None) -> dict[str, list[dict]]:
+    """Every eval split's records; with `data.eval_max_questions` (or `limit`) a fixed random subset
+    of each (seeded, in file order), so that slow LMs are evaluated in minutes on the same questions."""
     import random
     out = {k: records(cfg, k) for k in cfg.data.eval_files}
-    limit = cfg.data.eval_max_questions
+    limit = cfg.data.eval_max_questions if limit is None else limit
     if limit:
         out = {k: [v[i] for i in sorted(random.Random(cfg.data.seed).sample(range(len(v)), min(limit, len(v))))]
                for k, v in out.items()}
@@ -194,24 +196,36 @@ def stage0_dirs(cfg: Config) -> tuple[Path, Path]:
     if precision != "32-true":       # bf16 training gives (slightly) different weights
         data_key += (precision,)
     language_key = {k: v for k, v in vars(cfg.language).items() if k != "attention"}  # how it runs, not what it is
-    vision = base / f"vision-{cfg.vision.name}-{_hash(data_key, vars(cfg.vision), s0.clip_steps, s0.clip_batch_size, s0.clip_lr)}"
+    # vision.objective came later: left out of the key at its default, so older cache keys stay valid
+    vision_key = {k: v for k, v in vars(cfg.vision).items() if not (k == "objective" and v == "clip")}
+    if cfg.vision.objective == "dino":
+        vision = base / f"vision-{cfg.vision.name}-dino-{_hash(data_key, vision_key, s0.dino_steps, s0.dino_batch_size, s0.dino_lr)}"
+    else:
+        vision = base / f"vision-{cfg.vision.name}-{_hash(data_key, vision_key, s0.clip_steps, s0.clip_batch_size, s0.clip_lr)}"
     lm = base / f"lm-{cfg.language.name}-{_hash(data_key, language_key, s0.lm_steps, s0.lm_batch_size, s0.lm_lr, d.max_length)}"
     return vision, lm
 
 
 def ensure_stage0(cfg: Config, progress: bool = True, parts=("vision", "language")) -> tuple[Path | None, Path | None]:
     """Train the tiny vision tower and/or tiny LM unless cached (only those in `parts`).
-    Returns (clip weights, LM folder); None for parts that come pretrained from elsewhere."""
+    Returns (tower weights, LM folder); None for parts that come pretrained from elsewhere."""
     from . import unimodal
     ensure_data(cfg, progress)
     vision_dir, lm_dir = stage0_dirs(cfg)
-    clip_file = vision_dir / "clip.safetensors"
+    dino = cfg.vision.objective == "dino"  # the self-supervised tower (images only) instead of the CLIP
+    clip_file = vision_dir / ("dino.safetensors" if dino else "clip.safetensors")
     if "vision" in parts and cfg.vision.name in TINY_TOWERS and not clip_file.exists():
         tower = build_vision_tower(cfg.vision)
         src = ImageSource(cfg, tower)
-        print(f"stage 0: contrastive pretraining of the {cfg.vision.name} CLIP -> {vision_dir}")
-        info = unimodal.pretrain_vision(cfg, records(cfg, "captions"), src.pixels, heldout_captions(cfg), vision_dir)
-        print(f"stage 0: vision done in {info['seconds']} s, held-out retrieval top-1 {info['heldout_retrieval_top1']}")
+        if dino:
+            print(f"stage 0: self-supervised (DINOv2-style) pretraining of the {cfg.vision.name} ViT -> {vision_dir}")
+            info = unimodal.pretrain_vision_dino(cfg, records(cfg, "captions"), src.pixels, vision_dir)
+            print(f"stage 0: vision done in {info['seconds']} s, shape of held-out large objects from the patch at "
+                  f"their center {info.get('heldout_large_shape_probe')}")
+        else:
+            print(f"stage 0: contrastive pretraining of the {cfg.vision.name} CLIP -> {vision_dir}")
+            info = unimodal.pretrain_vision(cfg, records(cfg, "captions"), src.pixels, heldout_captions(cfg), vision_dir)
+            print(f"stage 0: vision done in {info['seconds']} s, held-out retrieval top-1 {info['heldout_retrieval_top1']}")
         for stale in vision_dir.glob("features-*.safetensors"):  # features of an earlier tower
             stale.unlink()
     if "language" in parts and cfg.language.name in TINY_LMS and not (lm_dir / "info.json").exists():
@@ -239,7 +253,8 @@ def build_model(cfg: Config, progress: bool = True) -> tuple[LlavaGemma, object]
     tower = build_vision_tower(cfg.vision, clip_file)
     lm, tokenizer = load_language_model(cfg.language, lm_dir)
     torch.manual_seed(cfg.train.seed)
-    model = LlavaGemma(tower, lm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), cfg.connector.kind)
+    model = LlavaGemma(tower, lm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), cfg.connector.kind, cfg.connector.pool)
+    model.checkpoint_activations(cfg.train.activation_checkpointing)  # acts in training only
     if cfg.train.instruct.lm_train == "lora":  # no-op adapters until stage 2 trains them
         add_lora(model.lm, cfg.train.instruct.lora_rank)
     return model, tokenizer
@@ -294,6 +309,9 @@ def train_variant(cfg: Config, progress: bool = True, evaluate: bool = True, tra
         info = train_stage(model, "align", cfg.train.align, ds, run / "align", **stage_kwargs)
         seconds["align"] = info["seconds"]
     ds = LlavaDataset(ins, tokenizer, n, source, cfg.data.max_length, "instruct")
+    if cfg.train.curve_points and global_rank() == 0:
+        curve = BudgetCurve(cfg, tokenizer, source, run / "instruct" / "curve.json")
+        stage_kwargs["callbacks"] = [*stage_kwargs["callbacks"], curve]
     info = train_stage(model, "instruct", cfg.train.instruct, ds, run / "instruct", **stage_kwargs)
     seconds["instruct"] = info["seconds"]
     seconds["total"] = round(sum(seconds.values()), 1)
@@ -306,6 +324,65 @@ def train_variant(cfg: Config, progress: bool = True, evaluate: bool = True, tra
         metrics.update(evaluate_variant(model, tokenizer, cfg, source, evals, progress))
     (run / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def curve_records(cfg: Config) -> dict[str, list[dict]]:
+    """The budget curve's fixed questions: per eval split, a seeded random subset of
+    `train.curve_questions` short-answer questions (captions are left out: slow to generate and
+    not part of the accuracy). The same questions at every budget point and in every run."""
+    import random
+    out = {}
+    for split, recs in eval_records(cfg, limit=0).items():
+        short = [r for r in recs if r.get("question_type") != "describe"]
+        k = min(cfg.train.curve_questions, len(short))
+        out[split] = [short[i] for i in sorted(random.Random(cfg.data.seed).sample(range(len(short)), k))]
+    return out
+
+
+def budget_steps(cfg: Config) -> list[int]:
+    """The stage-2 steps at which the budget curve is measured (`train.curve_points` as fractions)."""
+    steps = cfg.train.instruct.steps
+    return sorted({max(1, round(f * steps)) for f in cfg.train.curve_points})
+
+
+class BudgetCurve(L.Callback):
+    """Stage 2's budget curve: at each of `budget_steps(cfg)` it scores a fixed subset of every
+    eval split (seeing and blind) and appends a row to `path` (json): step, training seconds so
+    far (evaluation time excluded), accuracies. Resumed stages keep the rows already written."""
+
+    def __init__(self, cfg: Config, tokenizer, source, path: Path):
+        self.cfg, self.tokenizer, self.source, self.path = cfg, tokenizer, source, Path(path)
+        self.points = budget_steps(cfg)
+        self.evals = curve_records(cfg)
+        self.rows = json.loads(self.path.read_text()) if self.path.exists() else []
+        self.seconds = self.rows[-1]["seconds"] if self.rows else 0.0
+        self.t0 = None
+
+    def on_train_batch_start(self, trainer, *args):
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        step = trainer.global_step
+        if step not in self.points or any(r["step"] == step for r in self.rows):
+            return
+        self.seconds += time.perf_counter() - self.t0
+        from .evaluation import evaluate
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        res = evaluate(model, self.tokenizer, self.evals, self.source, progress=False, examples=0)
+        model.train(was_training)
+        row = {"step": step, "seconds": round(self.seconds, 2)}
+        for split, r in res.items():
+            seeing = r["seeing"]
+            row.update({split: seeing["overall_accuracy"], f"{split}_blind": r["blind"]["overall_accuracy"],
+                        f"{split}_n": seeing["n"], f"{split}_per_type": seeing["per_type"]})
+            if "all" in seeing.get("pope", {}):
+                row[f"{split}_pope"] = {k: seeing["pope"]["all"][k] for k in ("f1", "yes_ratio")}
+        self.rows.append(row)
+        self.path.write_text(json.dumps(self.rows, indent=1))
+        self.t0 = time.perf_counter()
 
 
 def check_run_config(cfg: Config) -> None:
@@ -363,7 +440,8 @@ def train_variants(configs: list[Config], jobs: int = 2, progress: bool = True, 
     models use two cores better as two runs than as one run on two threads. A small task graph:
     each stage-0 part once (the largest first), then every run as soon as the parts it needs are
     done, the most expensive runs first. Two workers never train the same stage 0. One progress
-    bar counts the training steps of all runs. Results land in each run's folder, as with
+    bar covers all of it in units of estimated work (`work_estimate`: stage 0 included, so its
+    ETA holds from the first minute). Results land in each run's folder, as with
     `train_variant` (call it afterwards to read them). Runs with metrics are skipped; with fewer
     than two left to train, nothing happens here (`train_variant` then trains in this process)."""
     import multiprocessing as mp
@@ -378,13 +456,16 @@ def train_variants(configs: list[Config], jobs: int = 2, progress: bool = True, 
     for c in configs:
         for part, key in needs[c.name].items():
             parts.setdefault(key, (c, part))
-    parts = dict(sorted(parts.items(), key=lambda kv: _part_cost(*kv[1]), reverse=True))
-    runs = sorted(configs, key=_cost, reverse=True)
-    total = sum(c.train.instruct.steps + (0 if c.train.skip_align else c.train.align.steps) for c in configs)
+    parts = dict(sorted(parts.items(), key=lambda kv: work_estimate(*kv[1]), reverse=True))
+    runs = sorted(configs, key=work_estimate, reverse=True)
+    part_work = {k: work_estimate(c, part) for k, (c, part) in parts.items()}
+    run_work = {c.name: work_estimate(c) for c in configs}
     ctx = mp.get_context("spawn")
     steps = ctx.Manager().dict()  # run name -> training steps done (workers report every 10)
-    done, running = set(), {}
-    bar = tqdm(total=total, desc=f"{desc} ({jobs} at a time)", unit="step", disable=not progress)
+    done, running, finished_work = set(), {}, 0.0
+    bar = tqdm(total=sum(part_work.values()) + sum(run_work.values()), desc=f"{desc} ({jobs} at a time)",
+               disable=not progress, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+    by_name = {c.name: c for c in configs}
     with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
         while parts or runs or running:
             while len(running) < jobs:
@@ -404,13 +485,64 @@ def train_variants(configs: list[Config], jobs: int = 2, progress: bool = True, 
             finished, _ = wait(running, timeout=2, return_when=FIRST_COMPLETED)
             for f in finished:
                 f.result()  # re-raises a worker's error here
-                key, _ = running.pop(f)
+                key, label = running.pop(f)
                 if key is not None:
                     done.add(key)
-            if sum(steps.values()) > bar.n:
-                bar.update(sum(steps.values()) - bar.n)
-    bar.update(total - bar.n)  # steps not reported (the last few of a stage, stages resumed or cached)
+                finished_work += part_work[key] if key is not None else run_work[label]
+            in_progress = sum(_run_progress(by_name[n], s) for n, s in steps.items()
+                              if any(label == n for _, label in running.values()))
+            bar.update(max(0.0, finished_work + in_progress - bar.n))
+    bar.update(bar.total - bar.n)
     bar.close()
+
+
+def _lm_work_per_token(lang) -> float:
+    """Multiply-adds of the LM's matrices per token (attention projections and MLP; the head is
+    applied to a few answer tokens only)."""
+    head_dim = lang.hidden_size // lang.heads
+    attn = lang.hidden_size * (2 * lang.hidden_size + 2 * lang.kv_heads * head_dim)
+    return lang.layers * (attn + 3 * lang.hidden_size * lang.intermediate_size)
+
+
+def _run_progress(cfg: Config, steps_done: int) -> float:
+    """Work done by a run that reported `steps_done` training steps (stage 1's first, then stage 2's)."""
+    align = 0 if cfg.train.skip_align else cfg.train.align.steps
+    per1, per2 = _step_work(cfg)
+    return min(steps_done, align) * per1 + max(0, steps_done - align) * per2
+
+
+def _step_work(cfg: Config) -> tuple[float, float]:
+    """Estimated work of one stage-1 and one stage-2 step (frozen LM in stage 1: no weight gradients)."""
+    lm = _lm_work_per_token(cfg.language)
+    n_img = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+    return (2 * lm * cfg.train.align.batch_size * (n_img + 40),
+            3 * lm * cfg.train.instruct.batch_size * (n_img + 100))
+
+
+def work_estimate(cfg: Config, part: str | None = None) -> float:
+    """Estimated work (about multiply-adds) of a run (`part=None`: stages 1 and 2 and the budget-curve
+    evaluations) or of a stage-0 part ("vision", "language"; 0 when cached or not trained here).
+    Only the ratios matter: they schedule the longest work first and make the grid's progress bar
+    advance in proportion to time."""
+    s0 = cfg.train.stage0
+    if part is None:
+        per1, per2 = _step_work(cfg)
+        align = 0 if cfg.train.skip_align else cfg.train.align.steps
+        evals = len(cfg.train.curve_points) * 20 * per2  # each budget point: about 20 steps' worth
+        return align * per1 + cfg.train.instruct.steps * per2 + evals + 100 * per2  # + the final evaluation
+    vision_dir, lm_dir = stage0_dirs(cfg)
+    v = cfg.vision
+    if part == "vision":
+        if v.name not in TINY_TOWERS or any(vision_dir.glob("*.safetensors")):
+            return 0.0
+        tokens = (v.image_size // v.patch_size) ** 2 + 1
+        vit = v.layers * 12 * v.width ** 2 * tokens
+        if getattr(v, "objective", "clip") == "dino":
+            return 3 * vit * getattr(s0, "dino_steps", 0) * getattr(s0, "dino_batch_size", 0) * 4  # several views
+        return 3 * (vit + 2 * 12 * v.width ** 2 * 32) * s0.clip_steps * s0.clip_batch_size
+    if cfg.language.name not in TINY_LMS or (lm_dir / "info.json").exists():
+        return 0.0
+    return 3 * _lm_work_per_token(cfg.language) * 60 * s0.lm_steps * s0.lm_batch_size
 
 
 def _stage0_parts(cfg: Config) -> dict[str, tuple]:
@@ -446,17 +578,3 @@ def _train_one(cfg: Config, steps) -> None:
 
     torch.set_num_threads(1)
     train_variant(cfg, progress=False, trainer_kwargs={"enable_progress_bar": False}, callbacks=[Report()])
-
-
-def _cost(cfg: Config) -> float:
-    """Rough relative run time, to start the longest runs first (a shorter tail at the end)."""
-    lm = cfg.language.hidden_size * cfg.language.layers
-    return lm * (cfg.train.instruct.steps + (0 if cfg.train.skip_align else cfg.train.align.steps))
-
-
-def _part_cost(cfg: Config, part: str) -> float:
-    """Rough relative time of a stage-0 part (per-sample cost ~ width x layers; text is longer)."""
-    s0 = cfg.train.stage0
-    if part == "vision":
-        return cfg.vision.width * cfg.vision.layers * s0.clip_steps * s0.clip_batch_size
-    return 2 * cfg.language.hidden_size * cfg.language.layers * s0.lm_steps * s0.lm_batch_size

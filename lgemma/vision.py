@@ -20,6 +20,7 @@ from .config import VisionConfig
 from .data.llava_json import expand_to_square
 
 TINY_TOWERS = ("tiny", "small")          # open_clip ViTs lgemma trains itself (stage 0)
+OBJECTIVES = ("clip", "dino")            # how: contrastive on captions, or self-supervised (unimodal.py)
 CLIP_CONTEXT_LENGTH = 32                 # ShapesWorld captions are short
 
 
@@ -89,7 +90,8 @@ class VisionTower(nn.Module):
 def build_vision_tower(cfg: VisionConfig, weights: str | Path | None = None) -> VisionTower:
     """Build the tower named by `cfg.name`.
 
-    - `tiny` / `small`: open_clip ViT from `cfg`; `weights` is the stage-0 CLIP safetensors.
+    - `tiny` / `small`: open_clip ViT from `cfg`; `weights` is the stage-0 safetensors (the tiny CLIP,
+      or with `cfg.objective == "dino"` the self-supervised ViT alone: the same class and size).
     - an open_clip model name (`ViT-B-16`, `ViT-L-14`, `ViT-L-14-336`, ...) with
       `cfg.pretrained` a tag (`openai`) or a local weights file; empty -> random init.
     - `dinov2:<hub id or folder>` (e.g. `dinov2:facebook/dinov2-large`) via transformers;
@@ -97,11 +99,16 @@ def build_vision_tower(cfg: VisionConfig, weights: str | Path | None = None) -> 
     - `hf-clip:<hub id or folder>`: transformers' CLIPVisionModel (e.g. `openai/clip-vit-large-patch14-336`,
       the tower of `Intel/llava-gemma-2b`); `lgemma.hf` builds this kind when importing a Llava checkpoint.
     """
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"unknown vision.objective {cfg.objective!r}: use one of {OBJECTIVES}")
+    if cfg.objective != "clip" and cfg.name not in TINY_TOWERS:
+        raise ValueError(f"vision.objective {cfg.objective!r} is how stage 0 trains a tower lgemma trains "
+                         f"itself ({TINY_TOWERS}), not {cfg.name!r}; a pretrained DINOv2 is 'dinov2:<id>'")
     if cfg.name in TINY_TOWERS:
         clip = build_tiny_clip(cfg)
-        if weights is not None:
+        if weights is not None:  # stage 0's file: the whole CLIP, or (objective dino) the ViT alone
             from safetensors.torch import load_file
-            clip.load_state_dict(load_file(str(weights)))
+            (clip.visual if cfg.objective == "dino" else clip).load_state_dict(load_file(str(weights)))
         return VisionTower(cfg, clip.visual, "open_clip", OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, cfg.image_size)
     if cfg.name.startswith(("dinov2:", "dinov2-random:")):
         return _dinov2(cfg)

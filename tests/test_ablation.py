@@ -23,19 +23,20 @@ def test_mean_ci_matches_a_hand_computed_t_interval():
     assert one["mean"] == 0.8 and math.isnan(one["lo"]) and math.isnan(one["hi"])
 
 
-def _table(deltas_by_seed):
+def _table(deltas_by_seed, step=100):
     """A synthetic 2x1x1 grid whose 'off' runs differ from 'on' by the given per-seed deltas."""
     rows = []
     for seed, d in enumerate(deltas_by_seed):
         base = {b: 0.5 for b in ablation.BENCHMARKS}
-        rows.append({"align": "on", "vision": "tiny", "language": "tiny", "seed": seed, **base})
-        rows.append({"align": "off", "vision": "tiny", "language": "tiny", "seed": seed,
-                     **{b: 0.5 + d for b in ablation.BENCHMARKS}})
+        for align, delta in (("on", 0.0), ("off", d)):
+            cell = {"align": align, "vision": "clip", "language": "tiny", "seed": seed}
+            rows.append({**cell, "run": ablation.run_name(cell), "step": step, "seconds": step / 10,
+                         **{b: v + delta for b, v in base.items()}})
     return pd.DataFrame(rows)
 
 
 def test_effects_are_paired_differences_with_a_verdict_no_stronger_than_the_interval():
-    grid = ablation.Grid(levels={"align": ("on", "off"), "vision": ("tiny",), "language": ("tiny",)}, seeds=(0, 1, 2))
+    grid = ablation.Grid(levels={"align": ("on", "off"), "vision": ("clip",), "language": ("tiny",)}, seeds=(0, 1, 2))
     clear = ablation.effects(_table([0.10, 0.12, 0.11]), grid)
     assert set(clear.axis) == {"align"}           # axes held fixed have no effect row
     row = clear[clear.benchmark == "heldout"].iloc[0]
@@ -66,10 +67,18 @@ def test_mini_grid_trains_summarizes_and_resumes(tmp_path, monkeypatch, capsys):
     assert "effect of each axis" in out and "beside the paper" in out
     folder = tmp_path / "runs-fast" / "ablation"
     runs = pd.read_csv(folder / "runs.csv")
-    assert len(runs) == 4 and set(runs["align"]) == {"on", "off"} and set(runs.seed) == {0, 1}
+    assert runs.run.nunique() == 4 and set(runs["align"]) == {"on", "off"} and set(runs.seed) == {0, 1}
+    # every run scored at every budget point of stage 2, with the training seconds so far
+    grid = ablation.Grid(levels={"align": ("on", "off"), "vision": ("tiny",), "language": ("tiny",)}, seeds=(0, 1))
+    steps = grid.budget_steps()
+    assert len(steps) == 5 and all(sorted(g.step) == steps for _, g in runs.groupby("run"))
+    assert all(g.sort_values("step").seconds.is_monotonic_increasing for _, g in runs.groupby("run"))
+    final = ablation.final_rows(runs)
     summary = pd.read_csv(folder / "summary.csv")
     cell = summary[(summary["align"] == "on") & (summary.benchmark == "heldout")].iloc[0]
-    assert cell.n == 2 and cell["mean"] == pytest.approx(runs[runs["align"] == "on"].heldout.mean())
+    assert cell.n == 2 and cell["mean"] == pytest.approx(final[final["align"] == "on"].heldout.mean())
+    by_budget = pd.read_csv(folder / "effects_by_budget.csv")
+    assert sorted(by_budget.step.unique()) == steps and set(by_budget.axis) == {"align"}
     assert (folder / "effects.png").stat().st_size > 0 and (folder / "effects.csv").exists()
     # stage 0 was trained once and shared by every run
     assert len(list((tmp_path / "runs-fast" / "stage0").glob("vision-*"))) == 1
@@ -93,5 +102,37 @@ def test_mini_grid_trains_summarizes_and_resumes(tmp_path, monkeypatch, capsys):
         if p.parent != victim:
             assert p.stat().st_mtime_ns == t
     again = pd.read_csv(folder / "runs.csv")
-    assert len(again) == 4
+    assert again.run.nunique() == 4 and len(again) == len(runs)
     assert json.loads((victim / "metrics.json").read_text())["variant"] == f"ablation/{victim.name}"
+
+
+def test_effects_by_budget_and_the_lm_at_equal_compute():
+    """Stage 1's effect fades with budget (planted); the small LM, 2x slower per step, is compared with
+    the tiny one where both curves have points at the same training seconds (interpolated in log seconds)."""
+    grid = ablation.Grid(levels={"align": ("on", "off"), "vision": ("clip",), "language": ("tiny",)}, seeds=(0, 1, 2))
+    curve = pd.concat([_table([0.10, 0.12, 0.11], step=100), _table([0.01, -0.01, 0.0], step=800)])
+    by = ablation.effects_by_budget(curve, grid)
+    early, late = (by[(by.step == s) & (by.benchmark == "heldout")].iloc[0] for s in (100, 800))
+    assert early.distinguishable and early.delta == pytest.approx(0.11)
+    assert not late.distinguishable and late.delta == pytest.approx(0.0)
+    # the final-budget effect is the last point's
+    assert ablation.effects(curve, grid).query("benchmark == 'heldout'").delta.iloc[0] == pytest.approx(0.0)
+
+    rows = []
+    for seed in (0, 1, 2):
+        for lm, per_step, gain in (("tiny", 1.0, 0.0), ("small", 2.0, 0.05 + 0.01 * seed)):
+            for step in (100, 200, 400, 800):
+                cell = {"align": "on", "vision": "clip", "language": lm, "seed": seed}
+                # accuracy grows with log seconds the same way for both; the small LM adds `gain`
+                seconds = step * per_step
+                rows.append({**cell, "run": ablation.run_name(cell), "step": step, "seconds": seconds,
+                             **{b: 0.1 * math.log(seconds) + gain for b in ablation.BENCHMARKS}})
+    lm_grid = ablation.Grid(levels={"align": ("on",), "vision": ("clip",), "language": ("tiny", "small")}, seeds=(0, 1, 2))
+    eq = ablation.lm_equal_compute(pd.DataFrame(rows), lm_grid)
+    held = eq[eq.benchmark == "heldout"]
+    # the small LM's first point is at 200 s: tiny points at 200, 400 and 800 s are comparable, 100 s is not
+    assert sorted(held.step) == [200, 400, 800]
+    assert held.delta.to_numpy() == pytest.approx([0.06, 0.06, 0.06])
+    # at equal steps the small LM also got twice the seconds: log(2) * 0.1 more
+    steps = ablation.effects_by_budget(pd.DataFrame(rows), lm_grid).query("benchmark == 'heldout'")
+    assert steps.delta.to_numpy() == pytest.approx([0.06 + 0.1 * math.log(2)] * 4)
