@@ -13,6 +13,7 @@ k is the row of its *predicting position* (the position just before it).
     overlay(pil_image, heat)         # PIL heat-map overlay
     localization_score(heat, box, 64)  # > 1: more mass in the box than a uniform map
     tower_probe(cfg, "shape")        # can the frozen patch features alone tell an object's shape?
+    probe_table({"CLIP-style": get_config("tiny"), "DINO-style": get_config("tiny-dino")})  # all of it
 
 Attention is only returned by the *eager* implementation (SDPA/flash fuse the softmax away),
 so the LM is switched to eager for the forward and switched back afterwards.
@@ -102,7 +103,7 @@ def teacher_forced(model, tokenizer, question: str, answer: str | list[int], ima
               "answer_positions": torch.tensor(answer_positions, dtype=torch.long),
               "target_positions": torch.tensor(targets, dtype=torch.long),
               "attentions": attentions if with_grad else attentions.detach(),
-              "logits": out.logits[0], "grid": tuple(model.vision.grid), "embeds": embeds[0]}
+              "logits": out.logits[0], "grid": tuple(model.grid), "embeds": embeds[0]}
     if with_grad:
         result["attentions_graph"] = out.attentions
     return result
@@ -118,7 +119,7 @@ def predicting_position(result: dict, answer_index: int = 0) -> int:
 def image_attention(result: dict, answer_index: int = 0, grid: tuple[int, int] | None = None) -> torch.Tensor:
     """Raw attention [L, H, gh, gw] from the predicting position of answer token
     `answer_index` to the image tokens, laid out on the tower's patch grid (`result["grid"]`,
-    i.e. `model.vision.grid`, unless `grid` is given)."""
+    i.e. `model.grid`, unless `grid` is given)."""
     gh, gw = grid or result["grid"]
     row = result["attentions"][:, :, predicting_position(result, answer_index)]   # [L, H, T]
     return row[..., result["image_positions"]].reshape(*row.shape[:2], gh, gw)
@@ -216,18 +217,44 @@ def token_norm_stats(model, tokenizer, images, question: str) -> dict[str, float
 
 
 # ---------------------------------------------------------------- what the frozen tower knows
-def object_probe(features: dict, scenes: dict, train_ids: list, test_ids: list, attribute: str = "shape",
+PROBE_ATTRIBUTES = ("shape", "color", "size", "position")
+
+
+def object_label(obj: dict, attribute: str, grid: tuple[int, int] = (8, 8), image_size: int = 64) -> str:
+    """The class of a ShapesWorld object (`scenes.json`'s dict: shape, color, size, cx, cy) for a probe.
+
+    `position` is where the object's center lies *within its patch*: `top-left`, `top-right`,
+    `bottom-left` or `bottom-right` quarter of the patch under it. Not its cell of the grid: a probe
+    reads the features at the object, and every patch feature carries its own position embedding, so
+    the cell (or left/right of the image center) would be read off the embedding by any tower, even an
+    untrained one. The offset within the patch is position that only the tower's processing of the
+    pixels can tell: how precisely its features localize what they see."""
+    if attribute != "position":
+        return obj[attribute]
+    gh, gw = grid
+    fx = obj["cx"] / image_size * gw % 1.0
+    fy = obj["cy"] / image_size * gh % 1.0
+    return f"{'top' if fy < 0.5 else 'bottom'}-{'left' if fx < 0.5 else 'right'}"
+
+
+def object_probe(features: dict, scenes: dict, train_ids: list, test_ids: list | dict, attribute: str = "shape",
                  grid: tuple[int, int] = (8, 8), image_size: int = 64, window: int = 3, steps: int = 600,
                  seed: int = 0) -> dict:
-    """Do the tower's patch features tell an object's `attribute` (shape, color, size)?
+    """Do the tower's patch features tell an object's `attribute` (shape, color, size, position)?
 
     A small MLP reads the `window` x `window` patch features around each object's center
     (`features[image_id]`: [N, Dv] in grid order; `scenes[image_id]`: ShapesWorld's object dicts
-    with cx, cy and the attribute). It trains on the objects of `train_ids` and is scored on those
-    of `test_ids`. High accuracy here and a low VQA score mean the LM, not the tower, fails.
-    Returns {"accuracy", "majority" (always the most common class), "n_test", "classes"}."""
+    with cx, cy and the attribute; labels from `object_label`). It trains on the objects of
+    `train_ids` and is scored on those of `test_ids`. High accuracy here and a low VQA score mean
+    the LM, not the tower, fails.
+    Returns {"accuracy", "majority" (always the most common training class), "n_test", "classes"};
+    with `test_ids` a dict {name: ids} of several test sets, one probe is trained and the result is
+    {name: that dict}. Test objects of a class never seen in training count as wrong."""
     gh, gw = grid
-    classes = sorted({o[attribute] for i in train_ids for o in scenes[i]})
+    label = lambda o: object_label(o, attribute, grid, image_size)  # noqa: E731
+    classes = sorted({label(o) for i in train_ids for o in scenes[i]})
+    if len(classes) < 2:
+        raise ValueError(f"the training objects have {len(classes)} {attribute!r} class(es): nothing to probe")
 
     def objects(ids):
         xs, ys = [], []
@@ -238,12 +265,15 @@ def object_probe(features: dict, scenes: dict, train_ids: list, test_ids: list, 
                 r = min(int(o["cy"] / image_size * gh), gh - 1)
                 c = min(int(o["cx"] / image_size * gw), gw - 1)
                 xs.append(f[r:r + window, c:c + window].reshape(-1))
-                ys.append(classes.index(o[attribute]) if o[attribute] in classes else -1)
+                ys.append(classes.index(label(o)) if label(o) in classes else -1)
+        if not xs:
+            raise ValueError(f"no objects in the {len(ids)} probe images given")
         return torch.stack(xs), torch.tensor(ys)
 
-    (x, y), (xt, yt) = objects(train_ids), objects(test_ids)
+    x, y = objects(train_ids)
+    tests = test_ids if isinstance(test_ids, dict) else {"test": test_ids}
     mean, std = x.mean(0), x.std(0) + 1e-5
-    x, xt = (x - mean) / std, (xt - mean) / std
+    x = (x - mean) / std
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     mlp = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, len(classes)))
@@ -254,27 +284,253 @@ def object_probe(features: dict, scenes: dict, train_ids: list, test_ids: list, 
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        accuracy = (mlp(xt).argmax(1) == yt).float().mean().item()
-    majority = (yt == torch.bincount(y, minlength=len(classes)).argmax()).float().mean().item()
-    return {"accuracy": round(accuracy, 4), "majority": round(majority, 4), "n_test": len(yt), "classes": classes}
+    most = torch.bincount(y, minlength=len(classes)).argmax()
+    out = {}
+    for name, ids in tests.items():
+        xt, yt = objects(ids)
+        with torch.no_grad():
+            accuracy = (mlp((xt - mean) / std).argmax(1) == yt).float().mean().item()
+        out[name] = {"accuracy": round(accuracy, 4), "majority": round((yt == most).float().mean().item(), 4),
+                     "n_test": len(yt), "classes": classes}
+    return out if isinstance(test_ids, dict) else out["test"]
 
 
-def tower_probe(cfg, attribute: str = "shape", n_train: int = 3000, **kwargs) -> dict:
+def scene_record(image_id: str) -> dict:
+    """A record for ShapesWorld image `image_id` (e.g. `heldout_000012`), for `ImageSource` / `load_image`."""
+    return {"image": f"images/{image_id.split('_')[0]}/{image_id}.png"}
+
+
+def probe_sets(scenes: dict, n_train: int = 3000) -> tuple[list, dict[str, list], dict]:
+    """The probe's image sets on ShapesWorld: the first `n_train` training images; the test sets
+    `heldout` (every held-out image's objects) and `compositional` (only the objects whose color-shape
+    pair never occurs in training, `shapes.HELDOUT_COMBOS`, in the compositional images); and the
+    scenes with the compositional images' other objects left out. Returns (train, tests, scenes)."""
+    from .data.shapes import HELDOUT_COMBOS
+    unseen = {tuple(p) for p in HELDOUT_COMBOS}
+    train = [i for i in scenes if i.startswith("train_")][:n_train]
+    tests = {"heldout": [i for i in scenes if i.startswith("heldout_")],
+             "compositional": [i for i in scenes if i.startswith("compositional_")]}
+    kept = dict(scenes)
+    for i in tests["compositional"]:
+        kept[i] = [o for o in scenes[i] if (o["color"], o["shape"]) in unseen]
+    tests = {k: [i for i in v if kept[i]] for k, v in tests.items()}
+    return train, {k: v for k, v in tests.items() if v}, kept
+
+
+def tower_features(cfg, image_ids: list) -> tuple[dict, tuple[int, int]]:
+    """The frozen stage-0 tower of `cfg` (trained if not cached) and its patch features of ShapesWorld
+    images {image_id: [N, Dv]}, read from / added to the feature store that training fills."""
+    from .pipeline import ImageSource, ensure_stage0, feature_store
+    from .vision import build_vision_tower
+    weights, _ = ensure_stage0(cfg, progress=False, parts=("vision",))
+    tower = build_vision_tower(cfg.vision, weights)
+    source = ImageSource(cfg, tower)
+    records = {i: scene_record(i) for i in image_ids}
+    source.cache(list(records.values()), progress=False, store=feature_store(cfg))
+    return {i: source(r) for i, r in records.items()}, tuple(tower.grid)
+
+
+def tower_probe(cfg, attribute: str = "shape", n_train: int = 3000, test: str = "heldout", **kwargs) -> dict:
     """`object_probe` on a config's frozen stage-0 tower and ShapesWorld data: trained on the
-    objects of the first `n_train` training images, scored on every held-out image's objects.
+    objects of the first `n_train` training images, scored on `test`: `heldout` (every held-out
+    image's objects) or `compositional` (objects of the color-shape pairs never seen in training).
     Uses the feature store that training filled (computes what is missing)."""
     import json
     from pathlib import Path
-    from .pipeline import ImageSource, ensure_stage0, feature_store
-    from .vision import build_vision_tower
-    clip_file, _ = ensure_stage0(cfg, progress=False, parts=("vision",))
-    tower = build_vision_tower(cfg.vision, clip_file)
     scenes = json.loads((Path(cfg.data.root) / "scenes.json").read_text())
-    train = [i for i in scenes if i.startswith("train_")][:n_train]
-    test = [i for i in scenes if i.startswith("heldout_")]
-    source = ImageSource(cfg, tower)
-    records = {i: {"image": f"images/{i.split('_')[0]}/{i}.png"} for i in train + test}
-    source.cache(list(records.values()), progress=False, store=feature_store(cfg))
-    features = {i: source(r) for i, r in records.items()}
-    return object_probe(features, scenes, train, test, attribute, tower.grid, cfg.data.image_size, **kwargs)
+    train, tests, scenes = probe_sets(scenes, n_train)
+    if test not in tests:
+        raise KeyError(f"unknown probe test set {test!r}; this data has {sorted(tests)}")
+    features, grid = tower_features(cfg, train + tests[test])
+    return object_probe(features, scenes, train, tests[test], attribute, grid, cfg.data.image_size, **kwargs)
+
+
+def probe_table(configs: dict, attributes=PROBE_ATTRIBUTES, windows=(1, 3), tests=("heldout", "compositional"),
+                n_train: int = 3000, **kwargs) -> list[dict]:
+    """`tower_probe` for several towers at once, {label: config}: one row per tower, attribute, window
+    and test set {"tower", "attribute", "window", "test", "accuracy", "majority", "n_test"}. One probe
+    per (tower, attribute, window) scores every test set; features are computed once per tower."""
+    import json
+    from pathlib import Path
+    rows = []
+    for name, cfg in configs.items():
+        scenes = json.loads((Path(cfg.data.root) / "scenes.json").read_text())
+        train, sets, scenes = probe_sets(scenes, n_train)
+        unknown = set(tests) - set(sets)
+        if unknown:
+            raise KeyError(f"unknown probe test set(s) {sorted(unknown)}; this data has {sorted(sets)}")
+        sets = {k: sets[k] for k in tests}
+        features, grid = tower_features(cfg, train + [i for v in sets.values() for i in v])
+        for attribute in attributes:
+            for window in windows:
+                res = object_probe(features, scenes, train, sets, attribute, grid, cfg.data.image_size,
+                                   window=window, **kwargs)
+                rows += [{"tower": name, "attribute": attribute, "window": window, "test": t,
+                          **{k: r[k] for k in ("accuracy", "majority", "n_test")}} for t, r in res.items()]
+    return rows
+
+
+# ---------------------------------------------------------------- spatial relations: where is the relation lost?
+RELATIONS = ("left", "right", "above", "below")
+
+
+def spatial_questions(cfg, split: str = "heldout", n: int | None = None, seed: int = 0) -> list[dict]:
+    """One "where is A relative to B?" question per ShapesWorld image of `split` that has a clear
+    relation between two of its objects (ShapesWorld's own templates and rule). Items:
+    {"image_id", "question" (with `<image>`), "answer" (one of `RELATIONS`), "a", "b" (the two objects'
+    scene dicts)}; at most `n` of them."""
+    import json
+    import random
+    from pathlib import Path
+    from .data.shapes import TEMPLATES, Obj, Scene, _spatial_pairs, ref
+    scenes = json.loads((Path(cfg.data.root) / "scenes.json").read_text())
+    rng = random.Random(seed)
+    out = []
+    for image_id, objs in scenes.items():
+        if not image_id.startswith(split + "_") or (n is not None and len(out) >= n):
+            continue
+        scene = Scene([Obj(o["shape"], o["color"], o["size"], o["cx"], o["cy"], o["r"]) for o in objs],
+                      cfg.data.image_size)
+        pairs = _spatial_pairs(scene)
+        if pairs:
+            a, b, answer = rng.choice(pairs)
+            question = rng.choice(TEMPLATES["spatial"]).format(a=ref(scene, scene.objects[a]),
+                                                                b=ref(scene, scene.objects[b]))
+            # scene.objects keeps scenes.json's order (sorted left to right when generated)
+            out.append({"image_id": image_id, "question": "<image>\n" + question, "answer": answer,
+                        "a": objs[a], "b": objs[b]})
+    return out
+
+
+def _token_index(obj: dict, grid: tuple[int, int], image_size: int) -> int:
+    """Index of the token (row-major on `grid`) under the object's center."""
+    gh, gw = grid
+    return min(int(obj["cy"] / image_size * gh), gh - 1) * gw + min(int(obj["cx"] / image_size * gw), gw - 1)
+
+
+def _token_cells(obj: dict, grid: tuple[int, int], image_size: int) -> list[int]:
+    """Indices of the tokens (row-major on `grid`) whose cell overlaps the object's box."""
+    gh, gw = grid
+    x0, y0, x1, y1 = obj["cx"] - obj["r"], obj["cy"] - obj["r"], obj["cx"] + obj["r"], obj["cy"] + obj["r"]
+    ch, cw = image_size / gh, image_size / gw
+    return [r * gw + c for r in range(gh) for c in range(gw)
+            if c * cw < x1 and (c + 1) * cw > x0 and r * ch < y1 and (r + 1) * ch > y0]
+
+
+def _mlp_probe(x, y, xt, yt, steps: int = 800, seed: int = 0) -> float:
+    """Accuracy on (xt, yt) of a small MLP trained on (x, y) (features standardized on x)."""
+    mean, std = x.mean(0), x.std(0) + 1e-5
+    x, xt = (x - mean) / std, (xt - mean) / std
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    mlp = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, int(y.max()) + 1))
+    opt = torch.optim.AdamW(mlp.parameters(), lr=1e-3, weight_decay=0.05)
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (min(256, len(x)),), generator=g)
+            loss = F.cross_entropy(mlp(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return round((mlp(xt).argmax(1) == yt).float().mean().item(), 3)
+
+
+@torch.no_grad()
+def relation_probe(model, tokenizer, cfg, n_train: int = 1500, steps: int = 800, seed: int = 0) -> dict:
+    """Where along the pipeline is the answer to "where is A relative to B?" still there? Small MLP
+    probes, trained on questions about training images and scored on held-out ones, read
+    - `tower`: the frozen tower's features of the patches under A's and B's centers (concatenated);
+    - `connector`: the visual tokens there (what the LM receives);
+    - `LM layer k`: the LM's hidden state at the position that predicts the answer, after layer k
+      (0: the input embedding);
+    for two labels: `relation` (4 classes, `RELATIONS`) and `a_left` (is A in the left half of the
+    image: A's position alone). Returns {"relation": {stage: accuracy, "majority": ...}, "a_left":
+    {...}, "n_train", "n_test"}. A stage where a label drops to the majority rate has lost it."""
+    from .data.collate import build_prompt
+    from .pipeline import ImageSource, feature_store
+    model.eval()
+    source = ImageSource(cfg, model.vision)
+    items = {"train": spatial_questions(cfg, "train", n_train, seed), "test": spatial_questions(cfg, "heldout", seed=seed)}
+    if not items["train"] or not items["test"]:
+        raise ValueError(f"{cfg.data.root}: no images with a clear spatial relation to probe")
+    source.cache([scene_record(q["image_id"]) for v in items.values() for q in v], progress=False,
+                 store=feature_store(cfg))
+    size = cfg.data.image_size
+    data = {}
+    for split, questions in items.items():
+        cols = {"tower": [], "connector": [], "lm": [], "relation": [], "a_left": []}
+        for q in questions:
+            features = source(scene_record(q["image_id"]))                 # [N, Dv]
+            tokens = model.visual_tokens(features[None])[0]                 # [N', Dl]
+            ta, tb = (_token_index(q[k], model.vision.grid, size) for k in "ab")
+            ca, cb = (_token_index(q[k], model.grid, size) for k in "ab")
+            cols["tower"].append(torch.cat([features[ta], features[tb]]).float())
+            cols["connector"].append(torch.cat([tokens[ca], tokens[cb]]).float())
+            ids = torch.tensor([build_prompt(tokenizer, q["question"], model.num_image_tokens)])
+            out = model.lm.model(inputs_embeds=model.embed(ids, features[None]), output_hidden_states=True)
+            cols["lm"].append(torch.stack([h[0, -1] for h in out.hidden_states]).float())
+            cols["relation"].append(RELATIONS.index(q["answer"]))
+            cols["a_left"].append(int(q["a"]["cx"] < size / 2))
+        data[split] = {k: torch.stack(v) if k in ("tower", "connector", "lm") else torch.tensor(v)
+                       for k, v in cols.items()}
+    tr, te = data["train"], data["test"]
+    result = {"n_train": len(tr["relation"]), "n_test": len(te["relation"])}
+    for label in ("relation", "a_left"):
+        y, yt = tr[label], te[label]
+        row = {"majority": round((yt == torch.bincount(y).argmax()).float().mean().item(), 3)}
+        for stage in ("tower", "connector"):
+            row[stage] = _mlp_probe(tr[stage], y, te[stage], yt, steps, seed)
+        for layer in range(tr["lm"].shape[1]):
+            row[f"LM layer {layer}"] = _mlp_probe(tr["lm"][:, layer], y, te["lm"][:, layer], yt, steps, seed)
+        result[label] = row
+    return result
+
+
+@torch.no_grad()
+def referent_attention(model, tokenizer, cfg, n: int = 100, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Does the answer look at the objects the question names? For `n` held-out spatial questions
+    ("where is A relative to B?"), the attention of the position that predicts the answer, per
+    layer (mean over heads and questions), on the visual tokens covering A, those covering B (and
+    not A), and the rest of the image; beside it `uniform`, the share A and B would get if that
+    attention were spread evenly over the image. Returns {"A", "B", "rest", "uniform A", "uniform B"}:
+    [L] tensors."""
+    from .data.collate import build_prompt
+    from .pipeline import ImageSource
+    source = ImageSource(cfg, model.vision)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    sums, count = None, 0
+    with eager_attention(model.lm):
+        for q in spatial_questions(cfg, "heldout", n, seed):
+            ids = build_prompt(tokenizer, q["question"], model.num_image_tokens)
+            px = source(scene_record(q["image_id"]))
+            out = model.lm.model(inputs_embeds=model.embed(torch.tensor([ids]), px[None]), output_attentions=True)
+            start, n_img = ids.index(image_id), model.num_image_tokens
+            a = _token_cells(q["a"], model.grid, cfg.data.image_size)
+            b = [i for i in _token_cells(q["b"], model.grid, cfg.data.image_size) if i not in a]
+            rows = []
+            for att in out.attentions:                                   # [1, H, T, T] per layer
+                w = att[0, :, -1, start:start + n_img].mean(0)            # [N'] over heads
+                rows.append(torch.stack([w[a].sum(), w[b].sum(), w.sum() - w[a].sum() - w[b].sum(),
+                                         w.sum() * len(a) / n_img, w.sum() * len(b) / n_img]))
+            t = torch.stack(rows)
+            sums = t if sums is None else sums + t
+            count += 1
+    mean = sums / max(count, 1)
+    return {k: mean[:, i] for i, k in enumerate(("A", "B", "rest", "uniform A", "uniform B"))}
+
+
+def unseen_pair_targets(cfg, records: list[dict]) -> list[bool | None]:
+    """For compositional-split records: is the object the question asks about (its `box`) one of the
+    color-shape pairs never seen in training (`shapes.HELDOUT_COMBOS`)? None for questions about no
+    single object (count, existence, captions)."""
+    import json
+    from pathlib import Path
+    from .data.shapes import HELDOUT_COMBOS
+    scenes = json.loads((Path(cfg.data.root) / "scenes.json").read_text())
+    out = []
+    for r in records:
+        objs = scenes.get(Path(r["image"]).stem, [])
+        match = [o for o in objs if r.get("box") is not None and o["box"] == r["box"]]
+        out.append((match[0]["color"], match[0]["shape"]) in HELDOUT_COMBOS if match else None)
+    return out

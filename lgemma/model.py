@@ -66,16 +66,23 @@ class LlavaGemma(nn.Module):
     """Vision tower + connector + Gemma. `images` may be pixels [B,3,S,S] or cached tower
     features [B,N,Dv] (the tower is frozen, so its output can be computed once)."""
 
-    def __init__(self, vision: nn.Module, lm: nn.Module, image_token_id: int, connector: str = "mlp2x_gelu"):
+    def __init__(self, vision: nn.Module, lm: nn.Module, image_token_id: int, connector: str = "mlp2x_gelu",
+                 pool: int = 1):
         super().__init__()
         self.vision = vision
-        self.connector = build_connector(connector, vision.hidden_size, lm.config.hidden_size)
+        self.connector = build_connector(connector, vision.hidden_size, lm.config.hidden_size, pool)
+        self.pool = pool
         self.lm = lm
         self.image_token_id = image_token_id
 
     @property
+    def grid(self) -> tuple[int, int]:
+        """The visual tokens' grid (rows, columns): the tower's patch grid, or coarser if the connector pools."""
+        return self.vision.grid[0] // self.pool, self.vision.grid[1] // self.pool
+
+    @property
     def num_image_tokens(self) -> int:
-        return self.vision.num_patches
+        return self.grid[0] * self.grid[1]
 
     def checkpoint_activations(self, mode: str = "selective") -> None:
         """Trade compute for memory in training (each decoder layer of the LM, in train mode only):

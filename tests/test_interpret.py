@@ -150,3 +150,41 @@ def test_object_probe_reads_what_the_features_hold(informative):
         assert out["accuracy"] > 0.9
     else:  # nothing to read: no better than chance, give or take sampling noise
         assert out["accuracy"] < 0.5
+
+
+def test_position_is_where_the_center_lies_within_its_patch():
+    """Not the grid cell, which every patch feature carries in its position embedding."""
+    label = lambda cx, cy: I.object_label({"cx": cx, "cy": cy}, "position", grid=(8, 8), image_size=64)  # noqa: E731
+    assert label(3.0, 3.0) == label(43.0, 11.0) == "top-left"       # cells (0, 0) and (1, 5), same quarter
+    assert label(13.0, 2.0) == "top-right" and label(2.0, 61.5) == "bottom-left" and label(63.9, 7.9) == "bottom-right"
+    assert I.object_label({"shape": "circle"}, "shape") == "circle"
+
+
+def test_one_probe_scores_several_test_sets_and_the_compositional_set_holds_only_unseen_pairs(world):
+    import json
+
+    from lgemma.data.shapes import HELDOUT_COMBOS
+    scenes = json.loads((world / "scenes.json").read_text())
+    train, tests, kept = I.probe_sets(scenes, n_train=100)
+    assert len(train) == 100 and set(tests) == {"heldout", "compositional"}
+    assert len(tests["heldout"]) == 20 and all(kept[i] == scenes[i] for i in tests["heldout"])
+    unseen = {tuple(p) for p in HELDOUT_COMBOS}
+    comp = [o for i in tests["compositional"] for o in kept[i]]
+    assert comp and all((o["color"], o["shape"]) in unseen for o in comp)
+    assert not any((o["color"], o["shape"]) in unseen for i in train for o in scenes[i])
+    # features that write each object's color into the patch under its center: color is readable
+    # on both test sets (the unseen pairs' colors are all seen in training, with other shapes)
+    colors = sorted({o["color"] for i in train for o in scenes[i]})
+    features = {}
+    for i in train + tests["heldout"] + tests["compositional"]:
+        f = torch.zeros(64, len(colors))
+        for o in kept[i]:
+            f[int(o["cy"] / 8) * 8 + int(o["cx"] / 8), colors.index(o["color"])] = 1.0
+        features[i] = f
+    out = I.object_probe(features, kept, train, tests, "color", window=1, steps=300)
+    assert set(out) == {"heldout", "compositional"}
+    assert out["compositional"]["n_test"] == len(comp)
+    assert out["heldout"]["accuracy"] > 0.9 and out["compositional"]["accuracy"] > 0.9
+    one_class = {"a": [{"shape": "circle", "cx": 4.0, "cy": 4.0}]}
+    with pytest.raises(ValueError, match="nothing to probe"):
+        I.object_probe({"a": torch.zeros(64, 2)}, one_class, ["a"], ["a"], "shape", window=1, steps=1)

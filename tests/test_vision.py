@@ -69,3 +69,20 @@ def test_conv_connector_reads_each_patch_neighbourhood():
     assert moved.nonzero().flatten().tolist() == [r * 8 + col for r in (2, 3, 4) for col in (4, 5, 6)]
     with pytest.raises(ValueError, match="square grid"):
         c(torch.zeros(1, 60, 4))
+
+
+def test_pooled_conv_connector_makes_one_token_per_2x2_patches():
+    """connector.pool=2: 8x8 patches -> 4x4 tokens in row-major order; a feature on patch (3, 5)
+    reaches the tokens whose 2x2 cell its 3x3 neighbourhood touches; the model counts 16 tokens."""
+    c = build_connector("conv_mlp", 4, 8, pool=2)
+    x = torch.zeros(1, 64, 4)
+    base = c(x)
+    assert base.shape == (1, 16, 8)
+    x[0, 3 * 8 + 5] = 1.0
+    moved = (c(x) - base).abs().sum(-1)[0] > 1e-6
+    # neighbourhood rows 2-4, cols 4-6 -> token rows 1-2, token cols 2-3
+    assert moved.nonzero().flatten().tolist() == [r * 4 + col for r in (1, 2) for col in (2, 3)]
+    with pytest.raises(ValueError, match="pool"):
+        c(torch.zeros(1, 49, 4))            # 7x7 patches: 2 does not divide 7
+    with pytest.raises(ValueError, match="conv_mlp"):
+        build_connector("mlp2x_gelu", 4, 8, pool=2)
