@@ -345,22 +345,56 @@ def tower_probe(cfg, attribute: str = "shape", n_train: int = 3000, test: str = 
     return object_probe(features, scenes, train, tests[test], attribute, grid, cfg.data.image_size, **kwargs)
 
 
+def untrained_features(cfg, image_ids: list) -> tuple[dict, tuple[int, int]]:
+    """The control for `tower_features`: the same ViT class and size as `cfg`'s tower at its random
+    initialization (seeded as stage 0 seeds it), never trained. What a probe reads from it comes from
+    the pixels and the architecture alone."""
+    from .pipeline import ImageSource
+    from .vision import build_vision_tower
+    torch.manual_seed(cfg.train.stage0.seed)
+    tower = build_vision_tower(cfg.vision)
+    source = ImageSource(cfg, tower)
+    records = {i: scene_record(i) for i in image_ids}
+    source.cache(list(records.values()), progress=False)
+    return {i: source(r) for i, r in records.items()}, tuple(tower.grid)
+
+
+def pair_counts(cfg, split: str = "train") -> "pd.DataFrame":
+    """How often each color occurs with each shape among the objects of `split`'s ShapesWorld images
+    (colors x shapes). In training, the never-seen pairs are zeros: for those colors, color alone
+    rules a shape out, a shortcut any readout trained on this data can take."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+    scenes = json.loads((Path(cfg.data.root) / "scenes.json").read_text())
+    objs = [o for i, v in scenes.items() if i.startswith(split + "_") for o in v]
+    return pd.crosstab(pd.Series([o["color"] for o in objs], name="color"),
+                       pd.Series([o["shape"] for o in objs], name="shape"))
+
+
 def probe_table(configs: dict, attributes=PROBE_ATTRIBUTES, windows=(1, 3), tests=("heldout", "compositional"),
-                n_train: int = 3000, **kwargs) -> list[dict]:
+                n_train: int = 3000, untrained: str | None = None, **kwargs) -> list[dict]:
     """`tower_probe` for several towers at once, {label: config}: one row per tower, attribute, window
     and test set {"tower", "attribute", "window", "test", "accuracy", "majority", "n_test"}. One probe
-    per (tower, attribute, window) scores every test set; features are computed once per tower."""
+    per (tower, attribute, window) scores every test set; features are computed once per tower.
+    `untrained`: also probe, under this label, the first config's ViT at its random initialization
+    (`untrained_features`), the control that tells what training added."""
     import json
     from pathlib import Path
     rows = []
-    for name, cfg in configs.items():
+    items = list(configs.items()) + ([(untrained, None)] if untrained else [])
+    for name, cfg in items:
+        control = cfg is None
+        cfg = next(iter(configs.values())) if control else cfg
         scenes = json.loads((Path(cfg.data.root) / "scenes.json").read_text())
         train, sets, scenes = probe_sets(scenes, n_train)
         unknown = set(tests) - set(sets)
         if unknown:
             raise KeyError(f"unknown probe test set(s) {sorted(unknown)}; this data has {sorted(sets)}")
         sets = {k: sets[k] for k in tests}
-        features, grid = tower_features(cfg, train + [i for v in sets.values() for i in v])
+        ids = train + [i for v in sets.values() for i in v]
+        features, grid = untrained_features(cfg, ids) if control else tower_features(cfg, ids)
         for attribute in attributes:
             for window in windows:
                 res = object_probe(features, scenes, train, sets, attribute, grid, cfg.data.image_size,

@@ -188,3 +188,33 @@ def test_one_probe_scores_several_test_sets_and_the_compositional_set_holds_only
     one_class = {"a": [{"shape": "circle", "cx": 4.0, "cy": 4.0}]}
     with pytest.raises(ValueError, match="nothing to probe"):
         I.object_probe({"a": torch.zeros(64, 2)}, one_class, ["a"], ["a"], "shape", window=1, steps=1)
+
+
+def test_pair_counts_show_the_never_seen_pairs_as_zeros(world):
+    """The shortcut notebook 06 teaches: in training, each never-seen pair's color comes only with
+    other shapes."""
+    from types import SimpleNamespace
+
+    from lgemma.data.shapes import HELDOUT_COMBOS
+    cfg = SimpleNamespace(data=SimpleNamespace(root=str(world)))
+    counts = I.pair_counts(cfg)
+    assert counts.values.sum() > 0
+    for color, shape in HELDOUT_COMBOS:
+        assert counts.loc[color, shape] == 0 and counts.loc[color].sum() > 0
+    assert (counts.values > 0).sum() == counts.size - len(HELDOUT_COMBOS)
+
+
+def test_untrained_control_is_the_seeded_random_tower(world):
+    """probe_table's control: the ViT of the config at its random init, seeded as stage 0 seeds it
+    (the same features twice), and different from another seed's."""
+    from lgemma.config import get_preset
+    cfg = get_preset("tiny")
+    cfg.data.root = str(world)
+    ids = ["train_000000", "heldout_000000"]
+    a, grid = I.untrained_features(cfg, ids)
+    b, _ = I.untrained_features(cfg, ids)
+    assert grid == (8, 8) and a["train_000000"].shape == (64, cfg.vision.width)
+    torch.testing.assert_close(a["heldout_000000"], b["heldout_000000"])
+    cfg.train.stage0.seed += 1
+    c, _ = I.untrained_features(cfg, ids)
+    assert not torch.allclose(a["heldout_000000"], c["heldout_000000"])
