@@ -74,6 +74,7 @@ def test_dino_loss_falls_and_stage0_writes_its_files(dino_run):
     # between a uniform teacher and a uniform student (or a collapsed pair) where it starts.
     dino = [float(r["dino_loss"]) for r in rows]
     assert dino[-1] < math.log(unimodal.DINO_PROTOTYPES) - 0.5, dino
+    assert dino[-1] < dino[0] - 0.5, dino                                   # and it fell from its first log
     assert info["steps"] == 120 and info["seconds"] > 0 and 0 <= info["heldout_large_shape_probe"] <= 1
     assert json.loads((out / "info.json").read_text()) == info
     # the weights load into the same open_clip ViT class and size as the CLIP-style tower's
