@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pandas as pd
 from scipy import stats
-from tqdm.auto import tqdm
 
 from .config import Config, LanguageConfig, VisionConfig, small_language, small_vision
 from .pipeline import train_variants

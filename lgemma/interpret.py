@@ -262,8 +262,7 @@ def object_probe(features: dict, scenes: dict, train_ids: list, test_ids: list |
             f = features[i].float().reshape(gh, gw, -1).permute(2, 0, 1)
             f = F.pad(f, [window // 2] * 4).permute(1, 2, 0)        # zero features beyond the border
             for o in scenes[i]:
-                r = min(int(o["cy"] / image_size * gh), gh - 1)
-                c = min(int(o["cx"] / image_size * gw), gw - 1)
+                r, c = divmod(_token_index(o, grid, image_size), gw)
                 xs.append(f[r:r + window, c:c + window].reshape(-1))
                 ys.append(classes.index(label(o)) if label(o) in classes else -1)
         if not xs:
@@ -272,24 +271,12 @@ def object_probe(features: dict, scenes: dict, train_ids: list, test_ids: list |
 
     x, y = objects(train_ids)
     tests = test_ids if isinstance(test_ids, dict) else {"test": test_ids}
-    mean, std = x.mean(0), x.std(0) + 1e-5
-    x = (x - mean) / std
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    mlp = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, len(classes)))
-    opt = torch.optim.AdamW(mlp.parameters(), lr=1e-3, weight_decay=0.05)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (min(256, len(x)),), generator=g)
-        loss = F.cross_entropy(mlp(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    predict = _fit_probe(x, y, len(classes), steps, seed)
     most = torch.bincount(y, minlength=len(classes)).argmax()
     out = {}
     for name, ids in tests.items():
         xt, yt = objects(ids)
-        with torch.no_grad():
-            accuracy = (mlp((xt - mean) / std).argmax(1) == yt).float().mean().item()
+        accuracy = (predict(xt) == yt).float().mean().item()
         out[name] = {"accuracy": round(accuracy, 4), "majority": round((yt == most).float().mean().item(), 4),
                      "n_test": len(yt), "classes": classes}
     return out if isinstance(test_ids, dict) else out["test"]
@@ -451,23 +438,32 @@ def _token_cells(obj: dict, grid: tuple[int, int], image_size: int) -> list[int]
             if c * cw < x1 and (c + 1) * cw > x0 and r * ch < y1 and (r + 1) * ch > y0]
 
 
-def _mlp_probe(x, y, xt, yt, steps: int = 800, seed: int = 0) -> float:
-    """Accuracy on (xt, yt) of a small MLP trained on (x, y) (features standardized on x)."""
+def _fit_probe(x, y, n_classes: int, steps: int = 800, seed: int = 0):
+    """A small MLP (features standardized on `x`) trained on (x, y) with AdamW on random batches of 256;
+    returns `predict(features) -> class indices`. The probe of `object_probe` and `relation_probe`."""
     mean, std = x.mean(0), x.std(0) + 1e-5
-    x, xt = (x - mean) / std, (xt - mean) / std
+    x = (x - mean) / std
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    mlp = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, int(y.max()) + 1))
+    mlp = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, n_classes))
     opt = torch.optim.AdamW(mlp.parameters(), lr=1e-3, weight_decay=0.05)
-    with torch.enable_grad():
+    with torch.enable_grad():  # callers may hold no_grad
         for _ in range(steps):
             idx = torch.randint(0, len(x), (min(256, len(x)),), generator=g)
             loss = F.cross_entropy(mlp(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
-    with torch.no_grad():
-        return round((mlp(xt).argmax(1) == yt).float().mean().item(), 3)
+
+    @torch.no_grad()
+    def predict(features):
+        return mlp((features - mean) / std).argmax(1)
+    return predict
+
+
+def _mlp_probe(x, y, xt, yt, steps: int = 800, seed: int = 0) -> float:
+    """Accuracy on (xt, yt) of `_fit_probe` trained on (x, y)."""
+    return round((_fit_probe(x, y, int(y.max()) + 1, steps, seed)(xt) == yt).float().mean().item(), 3)
 
 
 @torch.no_grad()

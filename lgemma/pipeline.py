@@ -526,10 +526,10 @@ def work_estimate(cfg: Config, part: str | None = None) -> float:
     advance in proportion to time."""
     s0 = cfg.train.stage0
     if part is None:
-        per1, per2 = _step_work(cfg)
         align = 0 if cfg.train.skip_align else cfg.train.align.steps
+        per2 = _step_work(cfg)[1]
         evals = len(cfg.train.curve_points) * 20 * per2  # each budget point: about 20 steps' worth
-        return align * per1 + cfg.train.instruct.steps * per2 + evals + 100 * per2  # + the final evaluation
+        return _run_progress(cfg, align + cfg.train.instruct.steps) + evals + 100 * per2  # + the final evaluation
     vision_dir, lm_dir = stage0_dirs(cfg)
     v = cfg.vision
     if part == "vision":
@@ -537,8 +537,8 @@ def work_estimate(cfg: Config, part: str | None = None) -> float:
             return 0.0
         tokens = (v.image_size // v.patch_size) ** 2 + 1
         vit = v.layers * 12 * v.width ** 2 * tokens
-        if getattr(v, "objective", "clip") == "dino":
-            return 3 * vit * getattr(s0, "dino_steps", 0) * getattr(s0, "dino_batch_size", 0) * 4  # several views
+        if v.objective == "dino":  # two views, each through the student and the teacher
+            return 3 * vit * s0.dino_steps * s0.dino_batch_size * 4
         return 3 * (vit + 2 * 12 * v.width ** 2 * 32) * s0.clip_steps * s0.clip_batch_size
     if cfg.language.name not in TINY_LMS or (lm_dir / "info.json").exists():
         return 0.0

@@ -136,3 +136,23 @@ def test_effects_by_budget_and_the_lm_at_equal_compute():
     # at equal steps the small LM also got twice the seconds: log(2) * 0.1 more
     steps = ablation.effects_by_budget(pd.DataFrame(rows), lm_grid).query("benchmark == 'heldout'")
     assert steps.delta.to_numpy() == pytest.approx([0.06 + 0.1 * math.log(2)] * 4)
+
+
+def test_reference_results_round_trip_with_their_provenance(tmp_path, monkeypatch):
+    """write_results -> the small committed files; load_results reads them when the local grid is
+    missing, and says so."""
+    monkeypatch.setenv("LGEMMA_HOME", str(tmp_path))         # no local runs here
+    grid = ablation.Grid(levels={"align": ("on", "off"), "vision": ("clip",), "language": ("tiny",)}, seeds=(0, 1, 2))
+    table = pd.concat([_table([0.10, 0.12, 0.11], step=100), _table([0.01, -0.01, 0.0], step=800)], ignore_index=True)
+    out = ablation.write_results(table, grid, tmp_path / "results", 12.34, "lgemma ablate --results x", trained=6)
+    assert {p.name for p in out.iterdir()} == {"runs.csv", "effects.csv", "provenance.json"}
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["command"] == "lgemma ablate --results x" and prov["wall_seconds"] == 12.3
+    assert prov["runs"] == 6 and prov["runs_trained_by_this_command"] == 6 and prov["machine"]["cores"] > 0
+    assert sum(p.stat().st_size for p in out.iterdir()) < 1e6
+    loaded, prov2, which = ablation.load_results(grid, out)
+    assert which == "reference" and prov2 == prov
+    assert list(loaded.columns[:len(ablation.RESULT_COLUMNS)]) == list(ablation.RESULT_COLUMNS)
+    assert sorted(loaded.run.unique()) == sorted(table.run.unique()) and len(loaded) == len(table)
+    with pytest.raises(FileNotFoundError, match="make ablation"):
+        ablation.load_results(grid, tmp_path / "nothing")
