@@ -348,7 +348,8 @@ def budget_steps(cfg: Config) -> list[int]:
 class BudgetCurve(L.Callback):
     """Stage 2's budget curve: at each of `budget_steps(cfg)` it scores a fixed subset of every
     eval split (seeing and blind) and appends a row to `path` (json): step, training seconds so
-    far (evaluation time excluded), accuracies. Resumed stages keep the rows already written."""
+    far (evaluation time excluded), accuracies. Resumed stages keep the rows already written, and
+    the seconds count on from the checkpoint's (its state is saved in every checkpoint)."""
 
     def __init__(self, cfg: Config, tokenizer, source, path: Path):
         self.cfg, self.tokenizer, self.source, self.path = cfg, tokenizer, source, Path(path)
@@ -383,6 +384,13 @@ class BudgetCurve(L.Callback):
         self.rows.append(row)
         self.path.write_text(json.dumps(self.rows, indent=1))
         self.t0 = time.perf_counter()
+
+    def state_dict(self) -> dict:
+        running = time.perf_counter() - self.t0 if self.t0 is not None else 0.0
+        return {"seconds": self.seconds + running}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seconds = float(state.get("seconds", self.seconds))
 
 
 def check_run_config(cfg: Config) -> None:

@@ -152,6 +152,23 @@ def check_steps(what: str, steps: int, loader: DataLoader, fix: str) -> None:
         raise ValueError(f"{what}: {n} training samples, {why}: 0 steps per epoch. {fix}")
 
 
+class StageClock(L.Callback):
+    """The stage's wall-clock seconds, kept in its checkpoints: a run killed and resumed reports
+    the seconds of both parts (up to its last checkpoint), not only those since the resume."""
+
+    def __init__(self):
+        self.before, self.t0 = 0.0, time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.t0
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.seconds()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.before, self.t0 = float(state.get("seconds", 0.0)), time.perf_counter()
+
+
 def train_stage(model: LlavaGemma, stage: str, stage_cfg: StageConfig, dataset: LlavaDataset, out_dir: str | Path,
                 seed: int = 0, trainer_kwargs: dict | None = None, callbacks=(), checkpoint_every: int = 100,
                 num_workers: int = 0) -> dict:
@@ -171,8 +188,9 @@ def train_stage(model: LlavaGemma, stage: str, stage_cfg: StageConfig, dataset: 
     module = LlavaModule(model, stage, vars(stage_cfg))
     ckpt_cb = ModelCheckpoint(dirpath=out / "ckpt", save_last=True, save_top_k=0,
                               every_n_train_steps=checkpoint_every)
+    clock = StageClock()
     kwargs = dict(max_steps=stage_cfg.steps, logger=CSVLogger(out, name="logs", version=0),
-                  callbacks=[ckpt_cb, *callbacks], gradient_clip_val=stage_cfg.grad_clip or None,
+                  callbacks=[clock, ckpt_cb, *callbacks], gradient_clip_val=stage_cfg.grad_clip or None,
                   log_every_n_steps=10, enable_model_summary=False, num_sanity_val_steps=0,
                   limit_val_batches=0, accelerator="auto", devices=1)
     kwargs.update(trainer_kwargs or {})
@@ -183,12 +201,11 @@ def train_stage(model: LlavaGemma, stage: str, stage_cfg: StageConfig, dataset: 
                 + (", or skip stage 1 with train.skip_align=true." if stage == "align" else "."))
     last = out / "ckpt" / "last.ckpt"
     resuming = last.exists()
-    t0 = time.time()
     trainer.fit(module, loader, ckpt_path=str(last) if resuming else None, weights_only=True)
     if trainer.global_step < stage_cfg.steps:
         raise RuntimeError(f"stage {stage} stopped at step {trainer.global_step} of {stage_cfg.steps}; "
                            f"run again to resume from {last}")
-    info = {"stage": stage, "steps": trainer.global_step, "seconds": round(time.time() - t0, 1),
+    info = {"stage": stage, "steps": trainer.global_step, "seconds": round(clock.seconds(), 1),
             "final_loss": float(trainer.callback_metrics.get("train_loss", float("nan"))),
             "resumed": resuming, "truncated_samples": len(dataset.truncated),
             "strategy": type(trainer.strategy).__name__, "world_size": trainer.world_size, "num_nodes": trainer.num_nodes,

@@ -49,3 +49,17 @@ def test_cli_unknown_preset_is_a_clear_error(fast_env, capsys):
 def test_every_command_has_help(command):
     out = subprocess.run([sys.executable, "-m", "lgemma.cli", command, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--set" in out.stdout
+
+
+def test_budget_curve_seconds_survive_a_resume():
+    """The curve's training seconds are saved in each checkpoint and count on after a resume."""
+    import time
+    from lgemma.pipeline import BudgetCurve
+    before = BudgetCurve.__new__(BudgetCurve)          # the callback's clock only, no eval data needed
+    before.seconds, before.t0 = 12.0, time.perf_counter() - 3.0
+    state = before.state_dict()
+    assert 15.0 <= state["seconds"] < 16.0
+    after = BudgetCurve.__new__(BudgetCurve)
+    after.seconds = 0.0                               # what a fresh callback reads from curve.json's last row
+    after.load_state_dict(state)
+    assert after.seconds == state["seconds"]

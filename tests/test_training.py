@@ -1,5 +1,6 @@
 """Real training steps on tiny random models: loss goes down, freezing, checkpoints, resume."""
 import copy
+import time
 
 import lightning as L
 import pytest
@@ -77,6 +78,11 @@ class Crash(L.Callback):
             raise RuntimeError("simulated crash")
 
 
+class Slow(L.Callback):
+    def on_train_batch_end(self, *args):
+        time.sleep(0.2)
+
+
 class StartStep(L.Callback):
     def on_train_start(self, trainer, *args):
         self.step = trainer.global_step
@@ -87,13 +93,15 @@ def test_resumed_run_continues_from_its_step(tiny_model, world, tmp_path):
     ds = dataset(world, model, tok, n=32)
     cfg = StageConfig(steps=8, batch_size=4, lr=1e-3, lm_lr=1e-3)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_stage(model, "instruct", cfg, ds, tmp_path, trainer_kwargs=QUIET, callbacks=[Crash(5)],
+        train_stage(model, "instruct", cfg, ds, tmp_path, trainer_kwargs=QUIET, callbacks=[Slow(), Crash(5)],
                     checkpoint_every=2)
     assert (tmp_path / "ckpt" / "last.ckpt").exists() and not (tmp_path / "done.json").exists()
     start = StartStep()
-    info = train_stage(model, "instruct", cfg, ds, tmp_path, trainer_kwargs=QUIET, callbacks=[start],
+    info = train_stage(model, "instruct", cfg, ds, tmp_path, trainer_kwargs=QUIET, callbacks=[Slow(), start],
                        checkpoint_every=2)
     assert start.step == 4 and info["steps"] == 8 and info["resumed"]
+    # its seconds count both parts: steps 1-4 before the crash (from the checkpoint), 5-8 after
+    assert info["seconds"] >= 8 * 0.2
     # a finished stage is loaded, not retrained
     again = train_stage(model, "instruct", cfg, ds, tmp_path, trainer_kwargs=QUIET, callbacks=[Crash(0)])
     assert again == info
