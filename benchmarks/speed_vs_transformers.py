@@ -365,13 +365,8 @@ def main(argv=None) -> dict:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores"
+    from lgemma.training import cpu_name
+    return f"{cpu_name()} ({os.cpu_count()} cores)"
 
 
 def report(r: dict) -> None:

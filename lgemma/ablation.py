@@ -306,6 +306,139 @@ def verdict(row) -> str:
     return f"{row['delta']:+.3f} [{row['lo']:+.3f}, {row['hi']:+.3f}]: {word}"
 
 
+# ---------------------------------------------------------------- reading a trained grid
+PLATEAU = 0.02  # a cell has plateaued when its last two budget points differ by at most this (held-out)
+
+
+def cell_label(cell) -> str:
+    """`stage 1 on | clip tower | tiny LM`: one cell (any mapping or row with the three axes)."""
+    return f"stage 1 {cell['align']} | {cell['vision']} tower | {cell['language']} LM"
+
+
+def training_status(table: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """How trained each cell is at the whole stage-2 budget: held-out mean and interval over seeds,
+    blind mean, the seeing-minus-blind gap with its interval, the change of held-out accuracy
+    between the last two budget points (mean over seeds; `plateaued` when within `PLATEAU`) and the
+    mean training seconds per run (stages 1 + 2)."""
+    rows = []
+    for cell, g in table.groupby(list(AXES), sort=False):
+        steps = sorted(g.step.unique())
+        last = g[g.step == steps[-1]].set_index("seed")
+        held, gap = mean_ci(last.heldout, confidence), mean_ci(last.blind_gap, confidence)
+        change = math.nan
+        if len(steps) > 1:
+            change = float((last.heldout - g[g.step == steps[-2]].set_index("seed").heldout).mean())
+        rows.append({**dict(zip(AXES, cell)), "step": steps[-1], "heldout": held["mean"], "lo": held["lo"],
+                     "hi": held["hi"], "blind": float(last.blind.mean()), "gap": gap["mean"], "gap_lo": gap["lo"],
+                     "gap_hi": gap["hi"], "seeds": held["n"], "prev_step": steps[-2] if len(steps) > 1 else None,
+                     "last_change": change, "plateaued": bool(abs(change) <= PLATEAU),
+                     "seconds": float(last.seconds.mean())})
+    return pd.DataFrame(rows)
+
+
+def _interval(mean: float, lo: float, hi: float) -> str:
+    return f"{mean:.3f}" + ("" if math.isnan(lo) else f" [{lo:.3f}, {hi:.3f}]")
+
+
+def findings(table: pd.DataFrame, grid: Grid, confidence: float = 0.95) -> list[str]:
+    """The grid's findings as sentences, each generated from the intervals (no sentence claims more
+    than its interval): how trained the baseline is, which cells have not plateaued, stage 1 along
+    the budget, the tower per question type, the LM at equal steps and at equal compute, and the
+    paper's directions beside ours. Markdown, one finding per item."""
+    status = training_status(table, confidence)
+    base = {a: grid.levels[a][0] for a in AXES}
+    b = status[(status[list(AXES)] == pd.Series(base)).all(axis=1)].iloc[0]
+    met = b.heldout >= 0.80 and b.gap >= 0.30
+    out = [f"**How trained.** The baseline cell ({cell_label(base)}) ends stage 2 (step {b.step}) at held-out "
+           f"{_interval(b.heldout, b.lo, b.hi)} over {b.seeds} seeds, {b.gap:.3f} above its blind score "
+           f"({b.blind:.3f}): the target (>= 0.80, >= 0.30 above blind) is {'met' if met else 'NOT met'}."]
+    flat = status[status.plateaued]
+    open_ = status[~status.plateaued]
+    text = f"{len(flat)} of {len(status)} cells have plateaued (held-out moved <= {PLATEAU} over the last budget doubling)"
+    if len(open_):
+        text += "; not: " + "; ".join(
+            f"{cell_label(r)} ({r.last_change:+.3f} from step {r.prev_step} to {r.step})" for _, r in open_.iterrows()
+            ) + ". Where a cell still rises, its final numbers understate what a longer stage 2 would reach"
+    out.append(f"**Plateau.** {text}.")
+    by_budget = effects_by_budget(table, grid, confidence=confidence)
+    for axis in AXES:
+        e = by_budget[(by_budget.axis == axis) & (by_budget.benchmark == "heldout")].sort_values("step")
+        if not len(e):
+            continue
+        if axis == "align":
+            steps = "; ".join(f"step {r.step}: {verdict(r)}" for _, r in e.iterrows())
+            out.append(f"**Stage 1 along the budget** ({e.change.iloc[0]}, held-out, paired over seeds and the "
+                       f"other axes): {steps}.")
+        if axis == "vision":
+            final = effects(table, grid, confidence=confidence)
+            v = final[(final.axis == "vision") & final.benchmark.isin(QUESTION_TYPES)]
+            moved = v[v.distinguishable]
+            still = v[~v.distinguishable]
+            text = (("moves " + "; ".join(f"{r.benchmark} {verdict(r)}" for _, r in moved.iterrows()))
+                    if len(moved) else "moves no question type detectably")
+            if len(still):
+                text += "; no detectable effect on " + ", ".join(still.benchmark)
+            out.append(f"**The tower per question type** ({v.change.iloc[0]}, at the whole budget): {text}.")
+        if axis == "language":
+            last = e.iloc[-1]
+            eq = lm_equal_compute(table, grid, confidence=confidence)
+            eq = eq[eq.benchmark == "heldout"].sort_values("step")
+            text = f"at equal steps (step {last.step}) {verdict(last)}"
+            if len(eq):
+                r = eq.iloc[-1]
+                text += (f"; at equal compute (the small LM's curve at the {r.seconds:.0f} s the tiny LM trained "
+                         f"for its step {r.step}) {verdict(r)}")
+            out.append(f"**The bigger LM** ({e.change.iloc[0]}, held-out): {text}.")
+    final = effects(table, grid, confidence=confidence)
+    paper = paper_deltas()
+    for axis in AXES:
+        p, t = paper[paper.axis == axis], final[(final.axis == axis) & final.benchmark.isin(["heldout", *QUESTION_TYPES])]
+        if len(p) and len(t):
+            out.append(f"**Beside the paper, {axis}.** The paper ({p.change.iloc[0]}, single runs): "
+                       f"{int((p.delta > 0).sum())} benchmark deltas up, {int((p.delta < 0).sum())} down. Ours "
+                       f"({t.change.iloc[0]}, {len(t)} benchmarks with intervals): "
+                       f"{int((t.distinguishable & (t.delta > 0)).sum())} better, "
+                       f"{int((t.distinguishable & (t.delta < 0)).sum())} worse, "
+                       f"{int((~t.distinguishable).sum())} not distinguishable from zero.")
+    return out
+
+
+def retrain_cell(cell: dict, grid: Grid | None = None, progress: bool = True) -> pd.DataFrame:
+    """Train one cell of `grid` here, as `make ablation` would (cached like every run: a second
+    call reads it), and return its budget rows (`budget_rows`)."""
+    from .pipeline import train_variant
+    grid = grid or Grid()
+    cell = {**cell, "seed": int(cell.get("seed", grid.seeds[0]))}
+    unknown = [a for a in AXES if cell.get(a) not in grid.levels[a]]
+    if unknown:
+        raise ValueError(f"cell {cell}: {', '.join(unknown)} must be one of "
+                         + "; ".join(f"{a}: {', '.join(grid.levels[a])}" for a in unknown))
+    cfg = cell_config(grid, cell)
+    return pd.DataFrame(budget_rows(cell, cfg, train_variant(cfg, progress=progress)))
+
+
+def compare_with_reference(local: pd.DataFrame, reference: pd.DataFrame, benchmark: str = "heldout",
+                           confidence: float = 0.95) -> pd.DataFrame:
+    """A retrained run (`retrain_cell`) beside the reference cell at each budget point, matched by
+    the point's rank (the k-th point of each curve: the same fraction of stage 2, also when a
+    fast-mode rerun has other step numbers): its score, the reference's mean and interval over
+    seeds, the reference run of the same seed, and whether it falls inside the interval."""
+    cell = local.iloc[0]
+    ref = reference[(reference[list(AXES)] == cell[list(AXES)]).all(axis=1)]
+    ref_steps = sorted(ref.step.unique())
+    rows = []
+    for k, r in enumerate(local.sort_values("step").itertuples()):
+        at = ref[ref.step == ref_steps[k]] if k < len(ref_steps) else ref.iloc[:0]
+        ci = mean_ci(at[benchmark], confidence) if len(at) else {"mean": math.nan, "lo": math.nan, "hi": math.nan}
+        same = at[at.seed == cell.seed][benchmark]
+        value = getattr(r, benchmark)
+        rows.append({"step here": r.step, "step in reference": ref_steps[k] if k < len(ref_steps) else None,
+                     f"{benchmark} here": value, "reference mean": ci["mean"], "lo": ci["lo"], "hi": ci["hi"],
+                     "reference, same seed": float(same.iloc[0]) if len(same) else math.nan,
+                     "inside": bool(ci["lo"] <= value <= ci["hi"]) if not math.isnan(ci["lo"]) else None})
+    return pd.DataFrame(rows)
+
+
 # ---------------------------------------------------------------- the paper beside it
 def paper_table(path: str | Path | None = None) -> pd.DataFrame:
     """The paper's results table (`data/paper/llava_gemma_results.csv`)."""
@@ -389,8 +522,9 @@ RESULT_COLUMNS = ("align", "vision", "language", "seed", "step", "seconds", *BEN
 def write_results(table: pd.DataFrame, grid: Grid, out_dir: str | Path, wall_seconds: float, command: str,
                   trained: int) -> Path:
     """The grid's reference results, small enough to commit: `runs.csv` (one row per run and budget
-    point), `effects.csv` (every axis at every budget point, plus the LM at equal compute) and
-    `provenance.json` (command, commit, machine, threads, date, wall time, grid)."""
+    point), `effects.csv` (every axis at every budget point, plus the LM at equal compute),
+    `provenance.json` (command, commit, machine, threads, date, wall time, grid) and `findings.md`
+    (each cell's training status and the findings generated from the intervals)."""
     import datetime
     import os
     import platform
@@ -408,12 +542,10 @@ def write_results(table: pd.DataFrame, grid: Grid, out_dir: str | Path, wall_sec
             return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
+    from .training import cpu_name
     provenance = {"command": command, "commit": git("rev-parse", "HEAD"),
                   "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
-                  "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()},
+                  "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
                   "threads": "one per worker", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                       timespec="seconds"),
                   "wall_seconds": round(wall_seconds, 1), "runs_trained_by_this_command": trained,
@@ -422,7 +554,25 @@ def write_results(table: pd.DataFrame, grid: Grid, out_dir: str | Path, wall_sec
                   "run_training_seconds_total": round(float(final_rows(table).seconds.sum()), 1),
                   "runs": int(table.run.nunique()), "grid": grid_spec(grid)}
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    (out / "findings.md").write_text(findings_markdown(table, grid, provenance))
     return out
+
+
+def findings_markdown(table: pd.DataFrame, grid: Grid, provenance: dict) -> str:
+    """`findings.md`: every cell's training status and the generated findings, with where they came from."""
+    status = training_status(table)
+    lines = ["# The ablation grid: findings", "",
+             f"Generated by `{provenance['command']}` (commit {provenance['commit'][:10]}, {provenance['date']}, "
+             f"{provenance['machine']['cpu']}, {provenance['machine']['cores']} cores) from `runs.csv` beside this "
+             "file; every sentence is generated from the intervals (`lgemma.ablation.findings`). 95% intervals over "
+             "seeds (cells) or paired seeds (effects).", "",
+             "| cell | step | held-out [95% interval] | blind | gap | last doubling | plateaued | seconds/run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for _, r in status.iterrows():
+        lines.append(f"| {cell_label(r)} | {r.step} | {_interval(r.heldout, r.lo, r.hi)} | {r.blind:.3f} | "
+                     f"{r.gap:.3f} | {r.last_change:+.3f} | {'yes' if r.plateaued else 'no'} | {r.seconds:.0f} |")
+    lines += ["", *[f"- {f}" for f in findings(table, grid)], ""]
+    return "\n".join(lines)
 
 
 def load_results(grid: Grid | None = None, results_dir: str | Path | None = None) -> tuple[pd.DataFrame, dict, str]:

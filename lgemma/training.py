@@ -152,6 +152,19 @@ def check_steps(what: str, steps: int, loader: DataLoader, fix: str) -> None:
         raise ValueError(f"{what}: {n} training samples, {why}: 0 steps per epoch. {fix}")
 
 
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux, else the platform's word for it), for
+    benchmark printouts and the provenance of reference results."""
+    import platform
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 class StageClock(L.Callback):
     """The stage's wall-clock seconds, kept in its checkpoints: a run killed and resumed reports
     the seconds of both parts (up to its last checkpoint), not only those since the resume."""

@@ -145,7 +145,8 @@ def test_reference_results_round_trip_with_their_provenance(tmp_path, monkeypatc
     grid = ablation.Grid(levels={"align": ("on", "off"), "vision": ("clip",), "language": ("tiny",)}, seeds=(0, 1, 2))
     table = pd.concat([_table([0.10, 0.12, 0.11], step=100), _table([0.01, -0.01, 0.0], step=800)], ignore_index=True)
     out = ablation.write_results(table, grid, tmp_path / "results", 12.34, "lgemma ablate --results x", trained=6)
-    assert {p.name for p in out.iterdir()} == {"runs.csv", "effects.csv", "provenance.json"}
+    assert {p.name for p in out.iterdir()} == {"runs.csv", "effects.csv", "provenance.json", "findings.md"}
+    assert "off - on" in (out / "findings.md").read_text()
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["command"] == "lgemma ablate --results x" and prov["wall_seconds"] == 12.3
     assert prov["runs"] == 6 and prov["runs_trained_by_this_command"] == 6 and prov["machine"]["cores"] > 0
@@ -156,3 +157,31 @@ def test_reference_results_round_trip_with_their_provenance(tmp_path, monkeypatc
     assert sorted(loaded.run.unique()) == sorted(table.run.unique()) and len(loaded) == len(table)
     with pytest.raises(FileNotFoundError, match="make ablation"):
         ablation.load_results(grid, tmp_path / "nothing")
+
+
+def test_training_status_findings_and_a_rerun_beside_the_reference():
+    """How trained each cell is (gap to blind, plateau over the last budget doubling), the findings
+    generated from the intervals, and one rerun compared with the reference cell's interval."""
+    grid = ablation.Grid(levels={"align": ("on", "off"), "vision": ("clip",), "language": ("tiny",)}, seeds=(0, 1, 2))
+    early = _table([0.10, 0.12, 0.11], step=100)
+    late = _table([0.01, -0.01, 0.0], step=800)
+    late.loc[late["align"] == "on", "heldout"] = [0.83, 0.85, 0.84]   # the baseline keeps rising: 0.5 -> 0.84
+    late.loc[late["align"] == "off", "heldout"] = [0.61, 0.63, 0.62]  # the other cell: 0.61 -> 0.62, flat
+    late["blind"], late["blind_gap"] = 0.4, late.heldout - 0.4
+    table = pd.concat([early, late], ignore_index=True)
+    status = ablation.training_status(table).set_index("align")
+    assert status.loc["on", "heldout"] == pytest.approx(0.84) and status.loc["on", "gap"] == pytest.approx(0.44)
+    assert status.loc["on", "last_change"] == pytest.approx(0.34) and not status.loc["on", "plateaued"]
+    assert status.loc["off", "last_change"] == pytest.approx(0.01) and status.loc["off", "plateaued"]
+    found = ablation.findings(table, grid)
+    assert "target (>= 0.80, >= 0.30 above blind) is met" in found[0]
+    assert "1 of 2 cells have plateaued" in found[1] and "stage 1 on | clip tower | tiny LM (+0.340" in found[1]
+    stage1 = next(f for f in found if f.startswith("**Stage 1"))
+    assert "step 100: +0.110" in stage1 and "better" in stage1 and "step 800: -0.220" in stage1
+    # a rerun of the baseline (seed 1), 0.01 above its reference run at every point, other step numbers
+    mine = table[(table["align"] == "on") & (table.seed == 1)].assign(step=lambda d: d.step // 10)
+    mine["heldout"] += 0.01
+    cmp = ablation.compare_with_reference(mine, table)
+    assert list(cmp["step in reference"]) == [100, 800] and list(cmp["step here"]) == [10, 80]
+    assert cmp["reference, same seed"].tolist() == pytest.approx([0.5, 0.85])
+    assert cmp["heldout here"].tolist() == pytest.approx([0.51, 0.86]) and cmp.inside.tolist() == [False, True]
