@@ -47,8 +47,10 @@ def test_notebook_structure(path):
     nb = nbformat.read(path, as_version=4)
     text = "\n".join(c.source for c in nb.cells)
     first_code = next(c.source for c in nb.cells if c.cell_type == "code")
-    # "load if cached, else train": one variant (train_variant + load_variant) or a grid (run_grid)
-    cached = ("run_grid(",) if "run_grid(" in first_code else ("train_variant(cfg)", "load_variant")
+    # "load if cached, else train": one variant (train_variant + load_variant), a grid (run_grid), or the
+    # grid's results (load_results: the local grid, else the committed reference, else a reduced grid trained)
+    cached = (("load_results(", "run_grid(") if "load_results(" in first_code else ("run_grid(",) if "run_grid(" in first_code
+              else ("train_variant(cfg)", "load_variant"))
     for needle in ("LGEMMA_HOME", "torch.manual_seed", *cached):
         assert needle in first_code, f"{path.name}: the set-up cell lacks {needle}"
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
