@@ -12,7 +12,7 @@ help:
 	@echo "make test    the test suite (unit, end-to-end training in fast mode)"
 	@echo "make lab     JupyterLab on notebooks/ (the course, read in order)"
 	@echo "make course  run every notebook (after make train's variants), HTML + timings in build/course/"
-	@echo "make ablation  the paper's ablation grid, 2x2x2 cells x 3 seeds (cached; notebook 04 reads it)"
+	@echo "make ablation  the paper's ablation grid, 2x2x2 cells x 3 seeds (hours on 2 cores; cached, resumable; writes results/ablation/)"
 	@echo "make setup   only create .venv and install the pinned dependencies"
 
 setup: $(STAMP)
