@@ -361,6 +361,7 @@ def findings(table: pd.DataFrame, grid: Grid, confidence: float = 0.95) -> list[
             ) + ". Where a cell still rises, its final numbers understate what a longer stage 2 would reach"
     out.append(f"**Plateau.** {text}.")
     by_budget = effects_by_budget(table, grid, confidence=confidence)
+    final = effects(table, grid, confidence=confidence)
     for axis in AXES:
         e = by_budget[(by_budget.axis == axis) & (by_budget.benchmark == "heldout")].sort_values("step")
         if not len(e):
@@ -370,7 +371,6 @@ def findings(table: pd.DataFrame, grid: Grid, confidence: float = 0.95) -> list[
             out.append(f"**Stage 1 along the budget** ({e.change.iloc[0]}, held-out, paired over seeds and the "
                        f"other axes): {steps}.")
         if axis == "vision":
-            final = effects(table, grid, confidence=confidence)
             v = final[(final.axis == "vision") & final.benchmark.isin(QUESTION_TYPES)]
             moved = v[v.distinguishable]
             still = v[~v.distinguishable]
@@ -389,7 +389,6 @@ def findings(table: pd.DataFrame, grid: Grid, confidence: float = 0.95) -> list[
                 text += (f"; at equal compute (the small LM's curve at the {r.seconds:.0f} s the tiny LM trained "
                          f"for its step {r.step}) {verdict(r)}")
             out.append(f"**The bigger LM** ({e.change.iloc[0]}, held-out): {text}.")
-    final = effects(table, grid, confidence=confidence)
     paper = paper_deltas()
     for axis in AXES:
         p, t = paper[paper.axis == axis], final[(final.axis == axis) & final.benchmark.isin(["heldout", *QUESTION_TYPES])]
