@@ -583,7 +583,7 @@ def load_results(grid: Grid | None = None, results_dir: str | Path | None = None
     folder = Path(results_dir) if results_dir else RESULTS_DIR
     if not (folder / "runs.csv").exists():
         raise FileNotFoundError(f"{folder / 'runs.csv'} not found and the local grid is incomplete: run "
-                                f"`make ablation` to train it (about 3.5 h on a 2-core CPU, see the README)")
+                                f"`make ablation` to train it (hours on a 2-core CPU: see the README)")
     table = pd.read_csv(folder / "runs.csv")
     table["run"] = table.apply(lambda r: run_name(r.to_dict()), axis=1)
     return table, json.loads((folder / "provenance.json").read_text()), "reference"
