@@ -584,9 +584,15 @@ def load_results(grid: Grid | None = None, results_dir: str | Path | None = None
     if not (folder / "runs.csv").exists():
         raise FileNotFoundError(f"{folder / 'runs.csv'} not found and the local grid is incomplete: run "
                                 f"`make ablation` to train it (hours on a 2-core CPU: see the README)")
+    return (*read_results(folder), "reference")
+
+
+def read_results(folder: str | Path = RESULTS_DIR) -> tuple[pd.DataFrame, dict]:
+    """The files `write_results` wrote in `folder`: (runs table with its `run` names, provenance)."""
+    folder = Path(folder)
     table = pd.read_csv(folder / "runs.csv")
     table["run"] = table.apply(lambda r: run_name(r.to_dict()), axis=1)
-    return table, json.loads((folder / "provenance.json").read_text()), "reference"
+    return table, json.loads((folder / "provenance.json").read_text())
 
 
 def plot_effects(effects_df: pd.DataFrame, benchmarks=BENCHMARKS):

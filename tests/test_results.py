@@ -1,8 +1,6 @@
 """The committed reference results of the ablation grid (results/ablation/, written by `make
 ablation`) load and match the grid the code defines: the same cells, seeds, budget points and
 columns, and a provenance that says how they were made."""
-import json
-
 import pandas as pd
 import pytest
 
@@ -12,15 +10,20 @@ RESULTS = ablation.RESULTS_DIR
 
 
 @pytest.fixture(scope="module")
-def runs():
+def results():
     if not (RESULTS / "runs.csv").exists():
         pytest.fail(f"{RESULTS / 'runs.csv'} is missing: `make ablation` writes it, and it is committed")
-    return pd.read_csv(RESULTS / "runs.csv")
+    return ablation.read_results(RESULTS)
+
+
+@pytest.fixture(scope="module")
+def runs(results):
+    return results[0]
 
 
 def test_reference_results_cover_the_grid(runs):
     grid = ablation.Grid()
-    assert list(runs.columns) == list(ablation.RESULT_COLUMNS)
+    assert list(runs.columns) == [*ablation.RESULT_COLUMNS, "run"]
     cells = {tuple(c[a] for a in (*ablation.AXES, "seed")) for c in grid.cells()}
     got = {tuple(r) for r in runs[[*ablation.AXES, "seed"]].drop_duplicates().itertuples(index=False)}
     assert got == cells, "results/ablation/runs.csv holds other cells or seeds than ablation.Grid(): rerun make ablation"
@@ -31,8 +34,8 @@ def test_reference_results_cover_the_grid(runs):
     assert (RESULTS / "runs.csv").stat().st_size + (RESULTS / "effects.csv").stat().st_size < 1_000_000
 
 
-def test_provenance_says_how_they_were_made(runs):
-    prov = json.loads((RESULTS / "provenance.json").read_text())
+def test_provenance_says_how_they_were_made(runs, results):
+    prov = results[1]
     assert {"command", "commit", "machine", "threads", "date", "wall_seconds", "run_training_seconds_total",
             "grid"} <= set(prov)
     assert (RESULTS / "findings.md").exists(), "findings.md is written with the results (ablation.findings_markdown)"
@@ -43,8 +46,7 @@ def test_provenance_says_how_they_were_made(runs):
 def test_effects_file_follows_from_runs(runs):
     eff = pd.read_csv(RESULTS / "effects.csv")
     grid = ablation.Grid()
-    table = runs.assign(run=runs.apply(lambda r: ablation.run_name(r.to_dict()), axis=1))
-    again = ablation.effects_by_budget(table, grid)
+    again = ablation.effects_by_budget(runs, grid)
     got = eff[eff.change.isin(again.change.unique())].sort_values(["step", "axis", "benchmark"])
     again = again.sort_values(["step", "axis", "benchmark"])
     assert got.delta.to_numpy() == pytest.approx(again.delta.to_numpy(), abs=1e-3)
