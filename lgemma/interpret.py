@@ -550,6 +550,49 @@ def referent_attention(model, tokenizer, cfg, n: int = 100, seed: int = 0) -> di
     return {k: mean[:, i] for i, k in enumerate(("A", "B", "rest", "uniform A", "uniform B"))}
 
 
+def named_object_attention(model, tokenizer, cfg, types=("color", "shape", "size"), n: int = 60,
+                           split: str = "heldout") -> dict[str, dict]:
+    """Does the answer single out the object a question names, or look at every object alike? For up
+    to `n` questions of each type in `types` about one object of an image with two or more objects
+    (the eval records of `split` that carry the object's `box`), the attention of the position that
+    predicts the answer, per layer and head: its mean per visual token on the named object, divided
+    by its mean per visual token on the other objects. 1 means no preference (the answer could be
+    read from a summary of all objects); well above 1, that head finds the named object.
+    Returns {type: {"ratio": [L, H] per head, "all heads": [L] (their attention summed), "n": questions}}."""
+    import json
+    from pathlib import Path
+    from .pipeline import ImageSource, records as split_records
+    scenes = json.loads((Path(cfg.data.root) / "scenes.json").read_text())
+    source = ImageSource(cfg, model.vision)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    sums, counts = {}, {}
+    with eager_attention(model.lm), torch.no_grad():
+        for r in split_records(cfg, split):
+            qtype = r.get("question_type")
+            if qtype not in types or counts.get(qtype, 0) >= n or r.get("box") is None:
+                continue
+            objs = scenes.get(Path(r["image"]).stem, [])
+            named = [o for o in objs if list(o["box"]) == list(r["box"])]
+            if len(objs) < 2 or len(named) != 1:
+                continue
+            on = _token_cells(named[0], model.grid, cfg.data.image_size)
+            off = sorted({i for o in objs if o is not named[0]
+                          for i in _token_cells(o, model.grid, cfg.data.image_size)} - set(on))
+            if not on or not off:
+                continue
+            ids = build_prompt(tokenizer, r["conversations"][0]["value"], model.num_image_tokens)
+            out = model.lm.model(inputs_embeds=model.embed(torch.tensor([ids]), source(r)[None]),
+                                 output_attentions=True)
+            start = ids.index(image_id)
+            per_token = torch.stack([torch.stack([att[0, :, -1, start:start + model.num_image_tokens][:, idx].mean(1)
+                                                  for idx in (on, off)]) for att in out.attentions])  # [L, 2, H]
+            sums[qtype] = per_token if qtype not in sums else sums[qtype] + per_token
+            counts[qtype] = counts.get(qtype, 0) + 1
+    return {t: {"ratio": sums[t][:, 0] / sums[t][:, 1].clamp_min(1e-12),
+                "all heads": sums[t][:, 0].sum(-1) / sums[t][:, 1].sum(-1).clamp_min(1e-12), "n": counts[t]}
+            for t in types if t in sums}
+
+
 def unseen_pair_targets(cfg, records: list[dict]) -> list[bool | None]:
     """For compositional-split records: is the object the question asks about (its `box`) one of the
     color-shape pairs never seen in training (`shapes.HELDOUT_COMBOS`)? None for questions about no

@@ -218,3 +218,38 @@ def test_untrained_control_is_the_seeded_random_tower(world):
     cfg.train.stage0.seed += 1
     c, _ = I.untrained_features(cfg, ids)
     assert not torch.allclose(a["heldout_000000"], c["heldout_000000"])
+
+
+def test_named_object_attention_matches_the_teacher_forced_attention_maps(world, tiny_model):
+    """Notebook 06's look-up check: per head, the answer's mean attention per visual token on the named
+    object over that on the other objects, recomputed here from `teacher_forced` + `image_attention`."""
+    import json
+
+    from tests.conftest import tiny_cfg
+    model, tok = tiny_model
+    model.eval()
+    cfg = tiny_cfg()
+    cfg.data.root = str(world)
+    out = I.named_object_attention(model, tok, cfg, types=("color", "shape"), n=3)
+    assert set(out) <= {"color", "shape"} and out
+    scenes = json.loads((world / "scenes.json").read_text())
+    for qtype, v in out.items():
+        assert 1 <= v["n"] <= 3 and v["ratio"].shape == (cfg.language.layers, cfg.language.heads)
+        assert torch.isfinite(v["ratio"]).all() and (v["ratio"] > 0).all() and v["all heads"].shape == (cfg.language.layers,)
+        # the same questions, the other way round
+        on_sum = off_sum = 0
+        used = 0
+        for r in load_records(world / "instruct_heldout.json"):
+            objs = scenes[r["image"].split("/")[-1][:-4]]
+            named = [o for o in objs if r.get("box") is not None and list(o["box"]) == list(r["box"])]
+            if r["question_type"] != qtype or len(objs) < 2 or len(named) != 1 or used == v["n"]:
+                continue
+            on = I._token_cells(named[0], model.grid, cfg.data.image_size)
+            off = sorted({i for o in objs if o is not named[0] for i in I._token_cells(o, model.grid, 64)} - set(on))
+            if not on or not off:
+                continue
+            q, a = turns(r)[0]
+            att = I.image_attention(I.teacher_forced(model, tok, q, a, model.vision.preprocess(
+                Image.open(world / r["image"]).convert("RGB")))).flatten(2)      # [L, H, N]
+            on_sum, off_sum, used = on_sum + att[..., on].mean(-1), off_sum + att[..., off].mean(-1), used + 1
+        torch.testing.assert_close(v["ratio"], on_sum / off_sum, rtol=1e-3, atol=1e-5)
