@@ -21,6 +21,7 @@ so the LM is switched to eager for the forward and switched back afterwards.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -607,3 +608,26 @@ def unseen_pair_targets(cfg, records: list[dict]) -> list[bool | None]:
         match = [o for o in objs if r.get("box") is not None and o["box"] == r["box"]]
         out.append((match[0]["color"], match[0]["shape"]) in HELDOUT_COMBOS if match else None)
     return out
+
+
+STEP8_RUNS = Path(__file__).resolve().parent.parent / "results" / "step8" / "runs.jsonl"
+
+
+def experiment_runs(path=STEP8_RUNS) -> "pd.DataFrame":
+    """The committed runs of the Step-8 experiments (`results/step8/`: made with experiment code that is
+    not part of lgemma, kept there with its patch and scripts), one row per run: held-out, blind and
+    compositional accuracy, accuracy per question type, and color / shape accuracy on the compositional
+    split's never-seen pairs and on its seen pairs."""
+    import json
+
+    import pandas as pd
+    rows = []
+    for line in open(path, encoding="utf-8"):
+        run = json.loads(line)
+        row = {"run": run["name"], "held-out": run["heldout"], "blind": run["blind"], "compositional": run["comp"],
+               **run["per_type"]}
+        for key, value in run.get("unseen_detail", {}).items():  # "0.012 (n=85)"
+            attribute, which = key.split("_")
+            row[f"{attribute}, {which} pairs"] = float(value.split()[0])
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("run")

@@ -253,3 +253,16 @@ def test_named_object_attention_matches_the_teacher_forced_attention_maps(world,
                 Image.open(world / r["image"]).convert("RGB")))).flatten(2)      # [L, H, N]
             on_sum, off_sum, used = on_sum + att[..., on].mean(-1), off_sum + att[..., off].mean(-1), used + 1
         torch.testing.assert_close(v["ratio"], on_sum / off_sum, rtol=1e-3, atol=1e-5)
+
+
+def test_experiment_runs_reads_the_committed_step8_runs(tmp_path):
+    import json
+    runs = I.experiment_runs()
+    assert {"base1600", "pos1-1600", "oracle-pos1"} <= set(runs.index)
+    cols = ["held-out", "blind", "spatial", "color, unseen pairs", "shape, unseen pairs", "color, seen pairs"]
+    assert runs.loc["oracle-pos1", cols].between(0, 1).all()
+    line = {"name": "x", "heldout": 0.5, "blind": 0.25, "comp": 0.4, "per_type": {"spatial": 0.3},
+            "unseen_detail": {"color_unseen": "0.012 (n=85)", "shape_seen": "1.000 (n=37)"}}
+    (tmp_path / "runs.jsonl").write_text(json.dumps(line) + "\n")
+    one = I.experiment_runs(tmp_path / "runs.jsonl").loc["x"]
+    assert one["color, unseen pairs"] == 0.012 and one["shape, seen pairs"] == 1.0 and one["spatial"] == 0.3
