@@ -561,7 +561,7 @@ def named_object_attention(model, tokenizer, cfg, types=("color", "shape", "size
     read from a summary of all objects); well above 1, that head finds the named object.
     Returns {type: {"ratio": [L, H] per head, "all heads": [L] (their attention summed), "n": questions}}."""
     import json
-    from pathlib import Path
+
     from .pipeline import ImageSource, records as split_records
     scenes = json.loads((Path(cfg.data.root) / "scenes.json").read_text())
     source = ImageSource(cfg, model.vision)
@@ -622,7 +622,7 @@ def experiment_runs(path=STEP8_RUNS) -> "pd.DataFrame":
 
     import pandas as pd
     rows = []
-    for line in open(path, encoding="utf-8"):
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         run = json.loads(line)
         row = {"run": run["name"], "held-out": run["heldout"], "blind": run["blind"], "compositional": run["comp"],
                **run["per_type"]}
