@@ -519,6 +519,17 @@ def relation_probe(model, tokenizer, cfg, n_train: int = 1500, steps: int = 800,
 
 
 @torch.no_grad()
+def _prompt_image_attention(model, tokenizer, question: str, pixels: torch.Tensor) -> torch.Tensor:
+    """Attention [L, H, N'] of the prompt's last position (the one that predicts the answer's first
+    token) on the visual tokens, for `question` (with `<image>`) on `pixels` [3, S, S]. Call it inside
+    `eager_attention(model.lm)`."""
+    ids = build_prompt(tokenizer, question, model.num_image_tokens)
+    out = model.lm.model(inputs_embeds=model.embed(torch.tensor([ids]), pixels[None]), output_attentions=True)
+    start = ids.index(tokenizer.convert_tokens_to_ids("<image>"))
+    return torch.stack([att[0, :, -1, start:start + model.num_image_tokens] for att in out.attentions])
+
+
+@torch.no_grad()
 def referent_attention(model, tokenizer, cfg, n: int = 100, seed: int = 0) -> dict[str, torch.Tensor]:
     """Does the answer look at the objects the question names? For `n` held-out spatial questions
     ("where is A relative to B?"), the attention of the position that predicts the answer, per
@@ -526,31 +537,24 @@ def referent_attention(model, tokenizer, cfg, n: int = 100, seed: int = 0) -> di
     not A), and the rest of the image; beside it `uniform`, the share A and B would get if that
     attention were spread evenly over the image. Returns {"A", "B", "rest", "uniform A", "uniform B"}:
     [L] tensors."""
-    from .data.collate import build_prompt
     from .pipeline import ImageSource
     source = ImageSource(cfg, model.vision)
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    sums, count = None, 0
+    sums, count, n_img = None, 0, model.num_image_tokens
     with eager_attention(model.lm):
         for q in spatial_questions(cfg, "heldout", n, seed):
-            ids = build_prompt(tokenizer, q["question"], model.num_image_tokens)
-            px = source(scene_record(q["image_id"]))
-            out = model.lm.model(inputs_embeds=model.embed(torch.tensor([ids]), px[None]), output_attentions=True)
-            start, n_img = ids.index(image_id), model.num_image_tokens
+            att = _prompt_image_attention(model, tokenizer, q["question"], source(scene_record(q["image_id"])))
             a = _token_cells(q["a"], model.grid, cfg.data.image_size)
             b = [i for i in _token_cells(q["b"], model.grid, cfg.data.image_size) if i not in a]
-            rows = []
-            for att in out.attentions:                                   # [1, H, T, T] per layer
-                w = att[0, :, -1, start:start + n_img].mean(0)            # [N'] over heads
-                rows.append(torch.stack([w[a].sum(), w[b].sum(), w.sum() - w[a].sum() - w[b].sum(),
-                                         w.sum() * len(a) / n_img, w.sum() * len(b) / n_img]))
-            t = torch.stack(rows)
+            w = att.mean(1)                                              # [L, N'] over heads
+            wa, wb, total = w[:, a].sum(1), w[:, b].sum(1), w.sum(1)
+            t = torch.stack([wa, wb, total - wa - wb, total * len(a) / n_img, total * len(b) / n_img], 1)
             sums = t if sums is None else sums + t
             count += 1
     mean = sums / max(count, 1)
     return {k: mean[:, i] for i, k in enumerate(("A", "B", "rest", "uniform A", "uniform B"))}
 
 
+@torch.no_grad()
 def named_object_attention(model, tokenizer, cfg, types=("color", "shape", "size"), n: int = 60,
                            split: str = "heldout") -> dict[str, dict]:
     """Does the answer single out the object a question names, or look at every object alike? For up
@@ -565,9 +569,8 @@ def named_object_attention(model, tokenizer, cfg, types=("color", "shape", "size
     from .pipeline import ImageSource, records as split_records
     scenes = json.loads((Path(cfg.data.root) / "scenes.json").read_text())
     source = ImageSource(cfg, model.vision)
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
     sums, counts = {}, {}
-    with eager_attention(model.lm), torch.no_grad():
+    with eager_attention(model.lm):
         for r in split_records(cfg, split):
             qtype = r.get("question_type")
             if qtype not in types or counts.get(qtype, 0) >= n or r.get("box") is None:
@@ -581,12 +584,8 @@ def named_object_attention(model, tokenizer, cfg, types=("color", "shape", "size
                           for i in _token_cells(o, model.grid, cfg.data.image_size)} - set(on))
             if not on or not off:
                 continue
-            ids = build_prompt(tokenizer, r["conversations"][0]["value"], model.num_image_tokens)
-            out = model.lm.model(inputs_embeds=model.embed(torch.tensor([ids]), source(r)[None]),
-                                 output_attentions=True)
-            start = ids.index(image_id)
-            per_token = torch.stack([torch.stack([att[0, :, -1, start:start + model.num_image_tokens][:, idx].mean(1)
-                                                  for idx in (on, off)]) for att in out.attentions])  # [L, 2, H]
+            att = _prompt_image_attention(model, tokenizer, r["conversations"][0]["value"], source(r))
+            per_token = torch.stack([att[..., on].mean(-1), att[..., off].mean(-1)], 1)  # [L, 2, H]
             sums[qtype] = per_token if qtype not in sums else sums[qtype] + per_token
             counts[qtype] = counts.get(qtype, 0) + 1
     return {t: {"ratio": sums[t][:, 0] / sums[t][:, 1].clamp_min(1e-12),
