@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import queue
 import shutil
 import sys
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+from nbclient.util import run_sync
 from nbconvert import HTMLExporter
 from nbconvert.preprocessors import ClearOutputPreprocessor
 
@@ -108,6 +110,39 @@ def _environ(env: dict | None):
                 os.environ[k] = v
 
 
+REPLY_POLL = 1.0  # seconds: the longest a missed wake-up can delay a cell's reply in `run_notebooks`
+
+
+def _sliced(get_msg, slice_s: float = REPLY_POLL):
+    """`get_msg(timeout=T)` of a kernel client's channel, polled in slices of at most `slice_s` seconds up
+    to the same deadline: raises `queue.Empty` only when the whole T has passed with no message."""
+    async def get_msg_sliced(timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = slice_s if deadline is None else min(slice_s, max(0.0, deadline - time.monotonic()))
+            try:
+                return await get_msg(timeout=wait)
+            except queue.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+    return get_msg_sliced
+
+
+class _NotebookClient(NotebookClient):
+    """nbclient, waiting for each cell's reply in short polls. nbclient 0.11 polls the shell channel once
+    for the whole cell timeout; after cells that send many widget messages (`interact`), that poll now
+    and then misses the reply's wake-up and returns only at the deadline, on an idle kernel (seen in
+    `make test`'s notebook run: one cell of notebook 04 waited out the 900 s timeout). Polls of
+    `REPLY_POLL` seconds see the waiting reply at the next poll."""
+
+    async def async_start_new_kernel_client(self):
+        kc = await super().async_start_new_kernel_client()
+        kc.shell_channel.get_msg = _sliced(kc.shell_channel.get_msg)
+        return kc
+
+    start_new_kernel_client = run_sync(async_start_new_kernel_client)  # the sync twin, as nbclient defines it
+
+
 def _run_one(path: Path, out_dir: Path, timeout: int) -> dict:
     """Execute one notebook in its folder, stop at the first error, write its HTML rendering."""
     nb = nbformat.read(path, as_version=4)
@@ -116,7 +151,7 @@ def _run_one(path: Path, out_dir: Path, timeout: int) -> dict:
     def on_execute(cell, cell_index):
         current["cell"] = cell_index
 
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", on_cell_execute=on_execute,
+    client = _NotebookClient(nb, timeout=timeout, kernel_name="python3", on_cell_execute=on_execute,
                             resources={"metadata": {"path": str(path.parent.resolve())}})
     error, t0 = None, time.perf_counter()
     try:

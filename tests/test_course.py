@@ -194,3 +194,43 @@ def test_strip_outputs(tmp_path):
     assert course.strip_outputs(nb) is False
     assert course.main(["strip", "--check", str(nb)]) == 0
     assert nbformat.read(nb, as_version=4).cells[1].source == "x = 1"
+
+
+def test_reply_wait_polls_in_slices_up_to_the_same_deadline():
+    """A missed wake-up costs one slice, not the cell's whole timeout (course._NotebookClient); an
+    empty channel still raises queue.Empty at the deadline, so real timeouts stay timeouts."""
+    import asyncio
+    import queue
+
+    calls = []
+
+    async def reply_on_third_poll(timeout=None):  # a reply whose first two polls missed it
+        calls.append(timeout)
+        if len(calls) < 3:
+            raise queue.Empty
+        return {"msg_type": "execute_reply"}
+
+    get = course._sliced(reply_on_third_poll, slice_s=0.01)
+    assert asyncio.run(get(timeout=900))["msg_type"] == "execute_reply"
+    assert len(calls) == 3 and all(t <= 0.01 for t in calls)
+
+    async def never(timeout=None):
+        await asyncio.sleep(timeout)
+        raise queue.Empty
+
+    t0 = time.monotonic()
+    with pytest.raises(queue.Empty):
+        asyncio.run(course._sliced(never, slice_s=0.02)(timeout=0.1))
+    assert 0.1 <= time.monotonic() - t0 < 1.0
+
+
+def test_notebook_runner_uses_the_sliced_reply_wait(tmp_path):
+    nb = new_notebook(cells=[new_code_cell("import ipywidgets as w\nw.interact(lambda k=1: print(k), k=(0, 3))"),
+                             new_code_cell("print('done')")])
+    path = tmp_path / "w.ipynb"
+    nbformat.write(nb, path)
+    [result] = course.run_notebooks([path], tmp_path / "out", timeout=60)
+    assert result["ok"], result["error"]
+    client = course._NotebookClient(nb, kernel_name="python3")
+    with client.setup_kernel():
+        assert client.kc.shell_channel.get_msg.__name__ == "get_msg_sliced"
