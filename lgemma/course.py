@@ -152,7 +152,7 @@ def _run_one(path: Path, out_dir: Path, timeout: int) -> dict:
         current["cell"] = cell_index
 
     client = _NotebookClient(nb, timeout=timeout, kernel_name="python3", on_cell_execute=on_execute,
-                            resources={"metadata": {"path": str(path.parent.resolve())}})
+                             resources={"metadata": {"path": str(path.parent.resolve())}})
     error, t0 = None, time.perf_counter()
     try:
         client.execute()
