@@ -424,6 +424,47 @@ def spatial_questions(cfg, split: str = "heldout", n: int | None = None, seed: i
     return out
 
 
+AXIS = {"left": "left/right", "right": "left/right", "above": "above/below", "below": "above/below"}
+
+
+def spatial_decisions(answers: list[str], truths: list[str], n_objects: list[int]) -> "pd.DataFrame":
+    """A spatial answer is two decisions: the *axis* (is A beside B or above/below it?) and the
+    *direction* along it (left or right, above or below). With two objects in the image, the axis is
+    a property of the image alone (which way the two are apart); which of them is A, and so the
+    direction, needs the objects found by their names. With three, both need it. One row per group
+    (all questions, then by the image's number of objects): n, accuracy, axis (the answer's axis is
+    the true one; an answer that is no relation counts as wrong), direction | axis (right answers
+    among those with the right axis), and what always answering the most common axis would score."""
+    import pandas as pd
+    rows = {}
+    for group in ["all", *sorted({f"{k} objects" for k in n_objects})]:
+        idx = [i for i, k in enumerate(n_objects) if group in ("all", f"{k} objects")]
+        if not idx:  # no spatial question at all
+            continue
+        right = sum(answers[i] == truths[i] for i in idx)
+        axis = sum(AXIS.get(answers[i]) == AXIS[truths[i]] for i in idx)
+        common = max(sum(AXIS[truths[i]] == a for i in idx) for a in set(AXIS.values()))
+        rows[group] = {"n": len(idx), "accuracy": right / len(idx), "axis": axis / len(idx),
+                       "direction | axis": right / axis if axis else float("nan"),
+                       "axis, most common": common / len(idx)}
+    columns = ["n", "accuracy", "axis", "direction | axis", "axis, most common"]
+    return pd.DataFrame(rows, index=columns).T.astype({"n": int})
+
+
+def spatial_breakdown(model, tokenizer, cfg, split: str = "heldout", source=None) -> "pd.DataFrame":
+    """`spatial_decisions` of the model's answers to the spatial questions of an evaluation split (the
+    questions behind `metrics.json`'s spatial score). `source`: a `pipeline.ImageSource` (made here if None)."""
+    import json
+    from .evaluation import normalize, predict
+    from .pipeline import ImageSource, eval_records
+    records = [r for r in eval_records(cfg)[split] if r["question_type"] == "spatial"]
+    source = source or ImageSource(cfg, model.vision)
+    answers = [normalize(a) for a in predict(model, tokenizer, records, source, progress=False)]
+    scenes = json.loads((Path(cfg.data.root) / "scenes.json").read_text())
+    n_objects = [len(scenes[Path(r["image"]).stem]) for r in records]
+    return spatial_decisions(answers, [normalize(r["answer"]) for r in records], n_objects)
+
+
 def _token_index(obj: dict, grid: tuple[int, int], image_size: int) -> int:
     """Index of the token (row-major on `grid`) under the object's center."""
     gh, gw = grid

@@ -255,6 +255,32 @@ def test_named_object_attention_matches_the_teacher_forced_attention_maps(world,
         torch.testing.assert_close(v["ratio"], on_sum / off_sum, rtol=1e-3, atol=1e-5)
 
 
+def test_spatial_decisions_split_the_axis_from_the_direction():
+    """Notebook 06's split of a spatial answer into its axis and its direction, by hand."""
+    answers = ["left", "right", "above", "left", "below", "yes"]
+    truths = ["left", "left", "left", "below", "below", "above"]
+    table = I.spatial_decisions(answers, truths, [2, 2, 2, 3, 3, 3])
+    assert list(table.index) == ["all", "2 objects", "3 objects"] and list(table.n) == [6, 3, 3]
+    two, three, every = table.loc["2 objects"], table.loc["3 objects"], table.loc["all"]
+    assert two.accuracy == pytest.approx(1 / 3) and two.axis == pytest.approx(2 / 3)     # "right" has the axis
+    assert two["direction | axis"] == pytest.approx(1 / 2) and two["axis, most common"] == 1.0
+    assert three.axis == pytest.approx(1 / 3) and three["direction | axis"] == 1.0      # "yes" is no axis
+    assert every.accuracy == pytest.approx(2 / 6) and every["axis, most common"] == 0.5     # 3 beside, 3 above/below
+
+
+def test_spatial_breakdown_scores_the_split_s_spatial_questions(world, tiny_model):
+    """On the random tiny model: one row per object count present, n = the split's spatial questions."""
+    from tests.conftest import tiny_cfg
+    from lgemma.pipeline import records
+    model, tok = tiny_model
+    cfg = tiny_cfg()
+    cfg.data.root = str(world)
+    table = I.spatial_breakdown(model, tok, cfg)
+    n = sum(r["question_type"] == "spatial" for r in records(cfg, "heldout"))
+    assert table.loc["all", "n"] == n == table.drop(index="all").n.sum() > 0
+    assert ((table.accuracy <= table.axis) & (table.axis <= 1)).all()
+
+
 def test_experiment_runs_reads_the_committed_step8_runs(tmp_path):
     import json
     runs = I.experiment_runs()
