@@ -1,4 +1,4 @@
-"""How fast is one stage-2 training step of the default `tiny` variant, by precision and attention code?
+"""How fast is one stage-2 training step of the default `tiny` variant, by precision, attention code and activation?
 
     python benchmarks/tiny_step.py               # about a minute on 2 CPU cores
     python benchmarks/tiny_step.py --threads 1
@@ -14,7 +14,10 @@ attention (transformers' default): best of `--steps` steps after two warm-up ste
 interleaved round by round so that a busy machine slows them alike. `bf16-mixed` is what Lightning
 runs for `train.precision: bf16-mixed` on a CPU (`torch.autocast("cpu", torch.bfloat16)`, float32
 weights). It pays off where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX; see
-`lgemma.training.resolve_precision`); elsewhere it can be slower than float32.
+`lgemma.training.resolve_precision`); elsewhere it can be slower than float32. `eager_float32` is
+transformers' eager attention computed in float32 inside bf16 autocast (`lgemma.language`); `gelu_pytorch_tanh`
+is Gemma's own MLP activation and `silu` Llama's, whose CPU kernel is much cheaper in bf16. The last
+setting is the `tiny` preset's.
 """
 from __future__ import annotations
 
@@ -32,7 +35,10 @@ from lgemma.language import tiny_gemma  # noqa: E402
 from lgemma.model import LlavaGemma  # noqa: E402
 from lgemma.training import resolve_precision  # noqa: E402
 
-SETTINGS = (("32-true", "sdpa"), ("32-true", "eager"), ("bf16-mixed", "sdpa"), ("bf16-mixed", "eager"))
+TANH = "gelu_pytorch_tanh"  # Gemma's MLP activation; the tiny preset uses "silu"
+SETTINGS = (("32-true", "sdpa", TANH), ("32-true", "eager", TANH), ("bf16-mixed", "sdpa", TANH),
+            ("bf16-mixed", "eager", TANH), ("bf16-mixed", "eager_float32", TANH), ("bf16-mixed", "eager", "silu"),
+            ("bf16-mixed", "eager_float32", "silu"))
 
 
 class _Features(torch.nn.Module):
@@ -40,9 +46,9 @@ class _Features(torch.nn.Module):
     hidden_size, num_patches = 128, 64
 
 
-def build(attention: str, vocab: int = 486, seed: int = 0) -> LlavaGemma:
+def build(attention: str, activation: str = TANH, vocab: int = 486, seed: int = 0) -> LlavaGemma:
     torch.manual_seed(seed)
-    lm = tiny_gemma(LanguageConfig(attention=attention), vocab)
+    lm = tiny_gemma(LanguageConfig(attention=attention, activation=activation), vocab)
     return LlavaGemma(_Features(), lm, image_token_id=vocab - 1)
 
 
@@ -76,24 +82,24 @@ def main(argv=None) -> dict:
     torch.set_num_threads(a.threads)
     b = batch(a.batch, a.length, 16)
     runs = {}
-    for precision, attention in SETTINGS:
-        model = build(attention)
+    for precision, attention, activation in SETTINGS:
+        model = build(attention, activation)
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-3)
         for _ in range(2):
             step_seconds(model, opt, b, precision)
-        runs[precision, attention] = (model, opt, [])
+        runs[precision, attention, activation] = (model, opt, [])
     for _ in range(a.steps):
         for key, (model, opt, times) in runs.items():
             times.append(step_seconds(model, opt, b, key[0]))
     ref = min(runs[SETTINGS[0]][2])
     print(f"tiny stage-2 step, batch {a.batch} x {a.length} tokens, {a.threads} thread(s); "
           f"train.precision=auto resolves to {resolve_precision('auto')} here")
-    print(f"{'precision':>11} {'attention':>9} {'best step':>10} {'vs float32 + sdpa':>18}")
+    print(f"{'precision':>11} {'attention':>13} {'activation':>17} {'best step':>10} {'vs float32 + sdpa':>18}")
     out = {}
-    for (precision, attention), (_, _, times) in runs.items():
+    for (precision, attention, activation), (_, _, times) in runs.items():
         best = min(times)
-        out[f"{precision}/{attention}"] = best
-        print(f"{precision:>11} {attention:>9} {best * 1e3:8.0f} ms {ref / best:17.2f}x")
+        out[f"{precision}/{attention}/{activation}"] = best
+        print(f"{precision:>11} {attention:>13} {activation:>17} {best * 1e3:8.0f} ms {ref / best:17.2f}x")
     return out
 
 

@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GemmaConfig, GemmaForCausalLM, PreTrainedTokenizerFast
+from transformers import (AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, AutoTokenizer, GemmaConfig,
+                          GemmaForCausalLM, PreTrainedTokenizerFast)
+from transformers.masking_utils import eager_mask
+from transformers.models.gemma.modeling_gemma import eager_attention_forward
 
 from .config import LanguageConfig
 
@@ -76,13 +79,32 @@ def prepare_tokenizer(tokenizer) -> int:
     return added
 
 
+def eager_float32_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers' eager attention (Gemma's) computed in float32 under bf16 autocast: the scores, the softmax
+    and the weighted sum of values, the output cast back. Under bf16-mixed training plain `eager` has autocast
+    multiply queries by keys, and probabilities by values, in bfloat16 (8 significant bits); see the README
+    (Step 8) for what that did to spatial relations. Registered with transformers as
+    `language.attention: eager_float32`."""
+    with torch.autocast(query.device.type, enabled=False):
+        out, weights = eager_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                               scaling, dropout, **kwargs)
+    return out.to(query.dtype), weights
+
+
+AttentionInterface.register("eager_float32", eager_float32_attention)
+AttentionMaskInterface.register("eager_float32", eager_mask)  # the same additive mask as `eager`
+
+
 def tiny_gemma(cfg: LanguageConfig, vocab_size: int) -> GemmaForCausalLM:
     """A from-scratch Gemma (same class as gemma-2b) at toy size."""
+    if cfg.activation == "gelu":  # transformers' GemmaConfig silently turns it into the tanh approximation
+        raise ValueError('language.activation "gelu" would be read by transformers\' Gemma as its tanh '
+                         'approximation "gelu_pytorch_tanh" (Gemma\'s default); say that, or e.g. "silu"')
     hf = GemmaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                      num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
                      num_key_value_heads=cfg.kv_heads, head_dim=cfg.hidden_size // cfg.heads,
                      max_position_embeddings=cfg.max_position_embeddings, pad_token_id=0, eos_token_id=1,
-                     bos_token_id=2, tie_word_embeddings=True)
+                     bos_token_id=2, tie_word_embeddings=True, hidden_act=cfg.activation)
     hf._attn_implementation = cfg.attention
     return GemmaForCausalLM(hf)
 

@@ -196,6 +196,8 @@ def stage0_dirs(cfg: Config) -> tuple[Path, Path]:
     if precision != "32-true":       # bf16 training gives (slightly) different weights
         data_key += (precision,)
     language_key = {k: v for k, v in vars(cfg.language).items() if k != "attention"}  # how it runs, not what it is
+    if cfg.language.activation == "gelu_pytorch_tanh":  # came later: left out at its default (older keys stay valid)
+        language_key.pop("activation", None)
     # vision.objective came later: left out of the key at its default, so older cache keys stay valid
     vision_key = {k: v for k, v in vars(cfg.vision).items() if not (k == "objective" and v == "clip")}
     if cfg.vision.objective == "dino":

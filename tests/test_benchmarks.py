@@ -43,7 +43,7 @@ def test_memory_workers_measure_each_implementation_in_a_fresh_process():
 
 
 def test_tiny_step_benchmark_times_every_setting(capsys):
-    """benchmarks/tiny_step.py at a toy batch: every precision x attention setting is timed."""
+    """benchmarks/tiny_step.py at a toy batch: every precision x attention x activation setting is timed."""
     path = SCRIPT.parent / "tiny_step.py"
     spec = importlib.util.spec_from_file_location("tiny_step", path)
     module = importlib.util.module_from_spec(spec)
@@ -53,7 +53,7 @@ def test_tiny_step_benchmark_times_every_setting(capsys):
         res = module.main(["--threads", "1", "--steps", "1", "--batch", "2", "--length", "96"])
     finally:
         torch.set_num_threads(threads)
-    assert set(res) == {f"{p}/{a}" for p, a in module.SETTINGS} and all(t > 0 for t in res.values())
+    assert set(res) == {"/".join(s) for s in module.SETTINGS} and all(t > 0 for t in res.values())
     assert "vs float32 + sdpa" in capsys.readouterr().out
 
 

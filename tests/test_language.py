@@ -35,6 +35,57 @@ def test_saved_tiny_lm_loads_back_identical(tokenizer, tmp_path):
     assert tok2.convert_tokens_to_ids(IMAGE_TOKEN) == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
+def test_tiny_lm_activation_is_built_saved_and_keyed(tokenizer, tmp_path):
+    """`language.activation` reaches the MLP and the saved config; the tiny preset uses SiLU; "gelu"
+    (which transformers' Gemma would silently read as its tanh approximation) is refused; the stage-0
+    cache key changes with the activation but, at Gemma's default, stays what it was before the field."""
+    import torch.nn.functional as F
+    from lgemma.config import get_preset
+    from lgemma.pipeline import stage0_dirs
+    cfg = LanguageConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64, activation="silu")
+    lm = tiny_gemma(cfg, len(tokenizer))
+    x = torch.linspace(-4, 4, 101)
+    assert torch.equal(lm.model.layers[0].mlp.act_fn(x), F.silu(x))
+    gemma = tiny_gemma(LanguageConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64), len(tokenizer))
+    assert torch.equal(gemma.model.layers[0].mlp.act_fn(x), F.gelu(x, approximate="tanh"))
+    lm.save_pretrained(tmp_path), tokenizer.save_pretrained(tmp_path)
+    assert load_language_model(cfg, tmp_path)[0].model.layers[0].mlp.act_fn(x).equal(F.silu(x))
+    with pytest.raises(ValueError, match="tanh"):
+        tiny_gemma(LanguageConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64, activation="gelu"), 50)
+    from lgemma.ablation import Grid, cell_config
+    tiny = get_preset("tiny")
+    assert tiny.language.activation == get_preset("tiny-lmsmall").language.activation == "silu"
+    grid = Grid()  # the paper's LM-size axis: only the size may differ
+    assert {cell_config(grid, c).language.activation for c in grid.cells()} == {"silu"}
+    key = stage0_dirs(tiny)[1]
+    tiny.language.activation = "gelu_pytorch_tanh"
+    with_default = stage0_dirs(tiny)[1]
+    del tiny.language.activation                  # a config from before the field existed
+    assert stage0_dirs(tiny)[1] == with_default != key
+
+
+def test_eager_float32_attention_is_eager_in_float32(tokenizer):
+    """`language.attention: eager_float32`: in float32 exactly transformers' eager (padding mask included);
+    under bf16 autocast its attention probabilities are nearer the float32 ones than plain eager's, whose scores
+    autocast computes in bfloat16."""
+    cfg = LanguageConfig(hidden_size=32, layers=2, heads=2, kv_heads=1, intermediate_size=64, attention="eager")
+    torch.manual_seed(0)
+    lm = tiny_gemma(cfg, len(tokenizer)).eval()
+    ids, mask = torch.randint(8, len(tokenizer), (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        eager = lm(ids, attention_mask=mask, output_attentions=True)
+        lm.set_attn_implementation("eager_float32")
+        ours = lm(ids, attention_mask=mask, output_attentions=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = lm(ids, attention_mask=mask, output_attentions=True)
+        lm.set_attn_implementation("eager")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = lm(ids, attention_mask=mask, output_attentions=True)
+    assert torch.equal(eager.logits, ours.logits)
+    assert (mixed.attentions[0] - ours.attentions[0]).abs().max() < (plain.attentions[0].float() - ours.attentions[0]).abs().max()
+
+
 def test_missing_lm_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="pretrain-unimodal"):
         load_language_model(LanguageConfig(name="tiny"), tmp_path / "nope")
