@@ -16,8 +16,8 @@ runs for `train.precision: bf16-mixed` on a CPU (`torch.autocast("cpu", torch.bf
 weights). It pays off where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX; see
 `lgemma.training.resolve_precision`); elsewhere it can be slower than float32. `eager_float32` is
 transformers' eager attention computed in float32 inside bf16 autocast (`lgemma.language`); `gelu_pytorch_tanh`
-is Gemma's own MLP activation and `silu` Llama's, whose CPU kernel is much cheaper in bf16. The last
-setting is the `tiny` preset's.
+is Gemma's own MLP activation and `silu` Llama's, whose CPU kernel is much cheaper in bf16. The `tiny`
+preset runs bf16-mixed (where the CPU has it), eager, gelu_pytorch_tanh.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from lgemma.language import tiny_gemma  # noqa: E402
 from lgemma.model import LlavaGemma  # noqa: E402
 from lgemma.training import resolve_precision  # noqa: E402
 
-TANH = "gelu_pytorch_tanh"  # Gemma's MLP activation; the tiny preset uses "silu"
+TANH = "gelu_pytorch_tanh"  # Gemma's MLP activation, and the tiny preset's
 SETTINGS = (("32-true", "sdpa", TANH), ("32-true", "eager", TANH), ("bf16-mixed", "sdpa", TANH),
             ("bf16-mixed", "eager", TANH), ("bf16-mixed", "eager_float32", TANH), ("bf16-mixed", "eager", "silu"),
             ("bf16-mixed", "eager_float32", "silu"))

@@ -36,9 +36,9 @@ def test_saved_tiny_lm_loads_back_identical(tokenizer, tmp_path):
 
 
 def test_tiny_lm_activation_is_built_saved_and_keyed(tokenizer, tmp_path):
-    """`language.activation` reaches the MLP and the saved config; the tiny preset uses SiLU; "gelu"
-    (which transformers' Gemma would silently read as its tanh approximation) is refused; the stage-0
-    cache key changes with the activation but, at Gemma's default, stays what it was before the field."""
+    """`language.activation` reaches the MLP and the saved config; "gelu" (which transformers' Gemma would
+    silently read as its tanh approximation) is refused; the stage-0 cache key changes with the activation
+    but, at Gemma's default (the presets'), stays what it was before the field."""
     import torch.nn.functional as F
     from lgemma.config import get_preset
     from lgemma.pipeline import stage0_dirs
@@ -54,12 +54,13 @@ def test_tiny_lm_activation_is_built_saved_and_keyed(tokenizer, tmp_path):
         tiny_gemma(LanguageConfig(hidden_size=32, layers=1, heads=2, intermediate_size=64, activation="gelu"), 50)
     from lgemma.ablation import Grid, cell_config
     tiny = get_preset("tiny")
-    assert tiny.language.activation == get_preset("tiny-lmsmall").language.activation == "silu"
+    assert tiny.language.activation == get_preset("tiny-lmsmall").language.activation == "gelu_pytorch_tanh"
     grid = Grid()  # the paper's LM-size axis: only the size may differ
-    assert {cell_config(grid, c).language.activation for c in grid.cells()} == {"silu"}
+    assert {cell_config(grid, c).language.activation for c in grid.cells()} == {"gelu_pytorch_tanh"}
+    with_default = stage0_dirs(tiny)[1]
+    tiny.language.activation = "silu"
     key = stage0_dirs(tiny)[1]
     tiny.language.activation = "gelu_pytorch_tanh"
-    with_default = stage0_dirs(tiny)[1]
     del tiny.language.activation                  # a config from before the field existed
     assert stage0_dirs(tiny)[1] == with_default != key
 
