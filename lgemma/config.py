@@ -76,7 +76,8 @@ class LanguageConfig:
     intermediate_size: int = 512
     vocab_size: int = 1024          # tiny tokenizers are trained to at most this size
     max_position_embeddings: int = 512
-    attention: str = "sdpa"         # transformers' attn_implementation: "sdpa", "eager" (tiny LMs in bf16 on a CPU), ...
+    attention: str = "sdpa"         # transformers' attn_implementation: "sdpa", "eager" (tiny LMs in bf16 on a CPU),
+    #                                 "eager_float32" (lgemma.language: eager's arithmetic in float32 under bf16), ...
     activation: str = "gelu_pytorch_tanh"  # tiny/small: the MLP's (Gemma's tanh GELU; "silu", Llama's: faster on CPUs)
 
 
