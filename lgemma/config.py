@@ -26,6 +26,7 @@ class DataConfig:
     n_heldout: int = 300
     n_compositional: int = 200
     questions_per_image: int = 4    # question turns per training conversation (of 6 types + describe)
+    locate_fraction: float = 0.0    # share of training conversations with a `locate` turn ("where is each object?")
     caption_file: str = "captions.json"
     instruct_file: str = "instruct_train.json"
     eval_files: dict = field(default_factory=lambda: {

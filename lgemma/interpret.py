@@ -657,7 +657,9 @@ def experiment_runs(path=STEP8_RUNS) -> "pd.DataFrame":
     """The committed runs of the Step-8 experiments (`results/step8/`: made with experiment code that is
     not part of lgemma, kept there with its patch and scripts), one row per run: held-out, blind and
     compositional accuracy, accuracy per question type, and color / shape accuracy on the compositional
-    split's never-seen pairs and on its seen pairs."""
+    split's never-seen pairs and on its seen pairs; for runs trained with `data.locate_fraction`, how often
+    their answer to "Where is each object?" names each held-out object with its right column, row and cell
+    (`locate cell, 2 objects`: the cell on images of two objects)."""
     import json
 
     import pandas as pd
@@ -669,5 +671,8 @@ def experiment_runs(path=STEP8_RUNS) -> "pd.DataFrame":
         for key, value in run.get("unseen_detail", {}).items():  # "0.012 (n=85)"
             attribute, which = key.split("_")
             row[f"{attribute}, {which} pairs"] = float(value.split()[0])
+        for key, value in run.get("locate_heldout", {}).items():  # runs trained with `locate` turns
+            if key != "objects":
+                row[f"locate {key}"] = value
         rows.append(row)
     return pd.DataFrame(rows).set_index("run")

@@ -112,12 +112,19 @@ def ensure_data(cfg: Config, progress: bool = True) -> Path:
                 raise FileNotFoundError(f"{root / f} not found: see data/README.md for getting the LLaVA-1.5 files")
         return root
     marker = root / "summary.json"
-    if not marker.exists():
+    if marker.exists():
+        made = json.loads(marker.read_text()).get("locate_fraction", 0.0)
+        if made != cfg.data.locate_fraction:
+            raise ValueError(f"{root} was generated with data.locate_fraction={made}, but the config asks for "
+                             f"{cfg.data.locate_fraction}: set data.root to a new folder (e.g. --set data.root="
+                             f"{Path(cfg.data.root).parent.name}/{root.name}-locate) or delete {root}")
+    else:
         from .data.shapes import generate
         d = cfg.data
         summary = generate(root, seed=d.seed, n_train=d.n_train, n_heldout=d.n_heldout,
                            n_compositional=d.n_compositional, image_size=d.image_size,
-                           questions_per_image=d.questions_per_image, progress=progress)
+                           questions_per_image=d.questions_per_image, locate_fraction=d.locate_fraction,
+                           progress=progress)
         marker.write_text(json.dumps(summary, indent=2))
     return root
 
@@ -204,6 +211,8 @@ def stage0_dirs(cfg: Config) -> tuple[Path, Path]:
         vision = base / f"vision-{cfg.vision.name}-dino-{_hash(data_key, vision_key, s0.dino_steps, s0.dino_batch_size, s0.dino_lr)}"
     else:
         vision = base / f"vision-{cfg.vision.name}-{_hash(data_key, vision_key, s0.clip_steps, s0.clip_batch_size, s0.clip_lr)}"
+    if d.locate_fraction:  # `locate` turns change the LM's text, not the tower's images and captions
+        data_key += (("locate", d.locate_fraction),)
     lm = base / f"lm-{cfg.language.name}-{_hash(data_key, language_key, s0.lm_steps, s0.lm_batch_size, s0.lm_lr, d.max_length)}"
     return vision, lm
 

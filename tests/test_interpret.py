@@ -297,7 +297,9 @@ def test_experiment_runs_reads_the_committed_step8_runs(tmp_path):
                                and t["wall_seconds"] and t["curve (step, train loss, held-out accuracy)"]
                                for t in prov["toy"].values())
     line = {"name": "x", "heldout": 0.5, "blind": 0.25, "comp": 0.4, "per_type": {"spatial": 0.3},
-            "unseen_detail": {"color_unseen": "0.012 (n=85)", "shape_seen": "1.000 (n=37)"}}
+            "unseen_detail": {"color_unseen": "0.012 (n=85)", "shape_seen": "1.000 (n=37)"},
+            "locate_heldout": {"cell": 0.4, "cell, 2 objects": 0.43, "objects": 588}}
     (tmp_path / "runs.jsonl").write_text(json.dumps(line) + "\n")
     one = I.experiment_runs(tmp_path / "runs.jsonl").loc["x"]
     assert one["color, unseen pairs"] == 0.012 and one["shape, seen pairs"] == 1.0 and one["spatial"] == 0.3
+    assert one["locate cell"] == 0.4 and one["locate cell, 2 objects"] == 0.43 and "locate objects" not in one

@@ -338,3 +338,48 @@ def test_questions_per_image_sets_the_turns_of_each_training_conversation(tmp_pa
     convs = [r["conversations"] for r in json.loads((tmp_path / "instruct_train.json").read_text())]
     assert all(len(c) == 12 for c in convs)                      # 6 question/answer pairs each
     assert all(len({t["value"] for t in c[::2]}) == 6 for c in convs)  # never the same question twice
+
+
+def test_locate_gives_each_objects_cell_right_after_its_name():
+    three = make_scene(("small", "green", "triangle", 55, 10), ("large", "red", "circle", 12, 30),
+                       ("small", "blue", "square", 35, 50))
+    # left to right; column then row on the 8 x 8 grid of a 64 px image (8 px cells)
+    assert S.locate(three) == "a large red circle 1 3, a small blue square 4 6, a small green triangle 6 1."
+    edge = make_scene(("small", "red", "circle", 63.9, 0.0))
+    assert S.cell(edge.objects[0], 64) == (7, 0)
+
+
+def test_locate_fraction_adds_training_turns_only_and_zero_changes_nothing(tmp_path):
+    off, on = tmp_path / "off", tmp_path / "on"
+    S.generate(off, seed=3, n_train=60, n_heldout=10, n_compositional=10, progress=False)
+    s = S.generate(on, seed=3, n_train=60, n_heldout=10, n_compositional=10, locate_fraction=1.0, progress=False)
+    assert s["questions"]["train"]["locate"] == 60                      # one turn in every conversation
+    assert "locate" not in s["questions"]["heldout"] and "locate" not in s["questions"]["compositional"]
+    for name in ("instruct_heldout.json", "instruct_compositional.json", "captions.json"):
+        assert (off / name).read_bytes() == (on / name).read_bytes()    # evaluation and stage 1 unchanged
+    scenes = json.loads((on / "scenes.json").read_text())
+    for r in json.loads((on / "instruct_train.json").read_text()):
+        conv = r["conversations"]
+        answers = [conv[i + 1]["value"] for i in range(0, len(conv), 2)
+                   if any(conv[i]["value"].endswith(t) for t in S.TEMPLATES["locate"])]
+        assert len(answers) == 1 and len(conv) == 8                      # still 4 turns per conversation
+        objs = sorted(scenes[r["id"]], key=lambda o: o["cx"])
+        want = ", ".join(f"a {o['size']} {o['color']} {o['shape']} {min(7, int(o['cx'] / 8))} {min(7, int(o['cy'] / 8))}"
+                         for o in objs) + "."
+        assert answers[0] == want
+
+
+def test_data_made_without_locate_turns_is_not_reused_for_a_config_that_asks_for_them(tmp_path):
+    from lgemma.config import get_preset
+    from lgemma.pipeline import ensure_data, stage0_dirs
+    cfg = get_preset("tiny")
+    cfg.data.root = str(tmp_path / "sw")
+    cfg.data.n_train, cfg.data.n_heldout, cfg.data.n_compositional = 20, 4, 4
+    ensure_data(cfg, progress=False)
+    vision, lm = stage0_dirs(cfg)
+    cfg.data.locate_fraction = 0.5
+    with pytest.raises(ValueError, match="locate_fraction=0.0.*set data.root to a new folder"):
+        ensure_data(cfg, progress=False)
+    assert stage0_dirs(cfg) == (vision, stage0_dirs(cfg)[1]) and stage0_dirs(cfg)[1] != lm  # same tower, new LM
+    cfg.data.root = str(tmp_path / "sw-locate")
+    assert json.loads((ensure_data(cfg, progress=False) / "summary.json").read_text())["locate_fraction"] == 0.5

@@ -93,6 +93,11 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "Where is the {a} compared to the {b}?",
         "Relative to the {b}, where is the {a}?",
     ),
+    "locate": (
+        "Where is each object?",
+        "List the objects and where they are.",
+        "Give the position of every object.",
+    ),
     "describe": (
         "Describe the image.",
         "What is in the image?",
@@ -234,6 +239,26 @@ def describe(scene: Scene) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
 
 
+GRID = 8  # `locate` answers give each object's cell on a GRID x GRID grid: column, then row
+
+
+def cell(o: Obj, image_size: int) -> tuple[int, int]:
+    """(column, row) of the object's center on the GRID x GRID grid, 0-based from the top left."""
+    return (min(GRID - 1, int(o.cx * GRID / image_size)), min(GRID - 1, int(o.cy * GRID / image_size)))
+
+
+def locate(scene: Scene) -> str:
+    """Every object, left to right, each followed at once by its cell: 'a large red circle 2 5, ...'.
+
+    The numbers come right after the shape word on purpose: predicting them at that token is a
+    look-up by name in one step (find the visual tokens of *this* shape, read where they are), the
+    skill spatial questions need twice and which the tiny LM does not discover from them alone.
+    """
+    parts = [f"a {_phrase(o)} {' '.join(map(str, cell(o, scene.image_size)))}"
+             for o in sorted(scene.objects, key=lambda o: o.cx)]
+    return ", ".join(parts) + "."
+
+
 # Candidate referring expressions, shortest first. With the shape allowed we always
 # name it ("red circle", not "red object"); without it the noun is "object".
 _REF_WITH_SHAPE = (("shape",), ("color", "shape"), ("size", "shape"), ("size", "color", "shape"))
@@ -367,12 +392,16 @@ def _popular_ranking(scenes: list[Scene]) -> list[tuple[str, str]]:
     return sorted(ALL_PAIRS, key=lambda p: (-counts[p], ALL_PAIRS.index(p)))
 
 
-def _pick_train_questions(scene, rng, popular, k=4, p_describe=0.2) -> list[dict]:
-    """k questions of different types; describe only ~20% of the time (captions are long)."""
+def _pick_train_questions(scene, rng, popular, k=4, p_describe=0.2, p_locate=0.0) -> list[dict]:
+    """k questions of different types; describe only ~20% of the time (captions are long), and a
+    `locate` turn (training only) with probability p_locate."""
     by_type = {q["type"]: q for q in make_questions(scene, rng, popular, avoid=HELDOUT_COMBOS)}
     others = [t for t in by_type if t != "describe"]
     rng.shuffle(others)
     chosen = ["describe"] if rng.random() < p_describe else []
+    if p_locate and rng.random() < p_locate:  # (no draw at 0, so older data stays byte-identical)
+        by_type["locate"] = _question("locate", rng.choice(TEMPLATES["locate"]), locate(scene), None)
+        chosen.append("locate")
     chosen += others[: k - len(chosen)]
     rng.shuffle(chosen)
     qs = [by_type[t] for t in chosen]
@@ -401,6 +430,7 @@ def generate(
     n_compositional: int = 200,
     image_size: int = 64,
     questions_per_image: int = 4,
+    locate_fraction: float = 0.0,
     progress: bool = True,
 ) -> dict:
     """Write a full ShapesWorld dataset to out_dir and return a summary dict.
@@ -443,6 +473,8 @@ def generate(
 
     summary = {"seed": seed, "image_size": image_size, "images": dict(sizes), "questions": {},
                "popular": [f"{c} {s}" for c, s in popular]}
+    if locate_fraction:
+        summary["locate_fraction"] = locate_fraction
 
     # Stage 1: one caption per train image, prompt before or after <image> like LLaVA's files.
     # (Held-out images get captions too, to measure the stage-0 tower's retrieval.)
@@ -467,7 +499,8 @@ def generate(
     qrng = question_rngs["train"]
     for image_id, scene in scenes["train"]:
         conv = []
-        for j, q in enumerate(_pick_train_questions(scene, qrng, popular, k=questions_per_image)):
+        for j, q in enumerate(_pick_train_questions(scene, qrng, popular, k=questions_per_image,
+                                                         p_locate=locate_fraction)):
             conv.append({"from": "human", "value": ("<image>\n" if j == 0 else "") + q["question"]})
             conv.append({"from": "gpt", "value": q["answer"]})
             counts[q["type"]] += 1
