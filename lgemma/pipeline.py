@@ -116,8 +116,8 @@ def ensure_data(cfg: Config, progress: bool = True) -> Path:
         made = json.loads(marker.read_text()).get("locate_fraction", 0.0)
         if made != cfg.data.locate_fraction:
             raise ValueError(f"{root} was generated with data.locate_fraction={made}, but the config asks for "
-                             f"{cfg.data.locate_fraction}: set data.root to a new folder (e.g. --set data.root="
-                             f"{Path(cfg.data.root).parent.name}/{root.name}-locate) or delete {root}")
+                             f"{cfg.data.locate_fraction}: set data.root to a new folder (e.g. --set data.root={root}-locate) "
+                             f"or delete {root}")
     else:
         from .data.shapes import generate
         d = cfg.data
