@@ -659,7 +659,10 @@ def experiment_runs(path=STEP8_RUNS) -> "pd.DataFrame":
     compositional accuracy, accuracy per question type, and color / shape accuracy on the compositional
     split's never-seen pairs and on its seen pairs; for runs trained with `data.locate_fraction`, how often
     their answer to "Where is each object?" names each held-out object with its right column, row and cell
-    (`locate cell, 2 objects`: the cell on images of two objects)."""
+    (`locate cell, 2 objects`: the cell on images of two objects); for runs trained to answer spatial questions
+    with both objects' cells first ("circle 1 3, square 4 6, so left"), their own-format scores: `spatial, chain`
+    (the word after ", so "; the `spatial` column is lgemma's exact match of the whole answer), `chain, both
+    cells right` and `chain, relation follows own cells`."""
     import json
 
     import pandas as pd
@@ -674,5 +677,10 @@ def experiment_runs(path=STEP8_RUNS) -> "pd.DataFrame":
         for key, value in run.get("locate_heldout", {}).items():  # runs trained with `locate` turns
             if key != "objects":
                 row[f"locate {key}"] = value
+        chain = run.get("spatial_chain", {})  # code/score_cot.py's scores
+        for key, column in (("spatial", "spatial, chain"), ("both_cells_right", "chain, both cells right"),
+                            ("relation_follows_own_cells", "chain, relation follows own cells")):
+            if key in chain:
+                row[column] = chain[key]
         rows.append(row)
     return pd.DataFrame(rows).set_index("run")
