@@ -653,6 +653,10 @@ def unseen_pair_targets(cfg, records: list[dict]) -> list[bool | None]:
 STEP8_RUNS = Path(__file__).resolve().parent.parent / "results" / "step8" / "runs.jsonl"
 
 
+CHAIN_COLUMNS = {"spatial": "spatial, chain", "both_cells_right": "chain, both cells right",
+                 "relation_follows_own_cells": "chain, relation follows own cells"}
+
+
 def experiment_runs(path=STEP8_RUNS) -> "pd.DataFrame":
     """The committed runs of the Step-8 experiments (`results/step8/`: made with experiment code that is
     not part of lgemma, kept there with its patch and scripts), one row per run: held-out, blind and
@@ -678,9 +682,6 @@ def experiment_runs(path=STEP8_RUNS) -> "pd.DataFrame":
             if key != "objects":
                 row[f"locate {key}"] = value
         chain = run.get("spatial_chain", {})  # code/score_cot.py's scores
-        for key, column in (("spatial", "spatial, chain"), ("both_cells_right", "chain, both cells right"),
-                            ("relation_follows_own_cells", "chain, relation follows own cells")):
-            if key in chain:
-                row[column] = chain[key]
+        row.update({column: chain[key] for key, column in CHAIN_COLUMNS.items() if key in chain})
         rows.append(row)
     return pd.DataFrame(rows).set_index("run")
