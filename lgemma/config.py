@@ -27,6 +27,9 @@ class DataConfig:
     n_compositional: int = 200
     questions_per_image: int = 4    # question turns per training conversation (of 6 types + describe)
     locate_fraction: float = 0.0    # share of training conversations with a `locate` turn ("where is each object?")
+    spatial_turns: int = 0          # > 0: that many spatial turns in every training conversation that can have one
+    spatial_answer: str = "word"    # training answers to spatial questions: "word" ("left") or "chain"
+    #                                 ("circle 1 3, square 4 6, so left": lgemma.data.shapes.spatial_chain)
     caption_file: str = "captions.json"
     instruct_file: str = "instruct_train.json"
     eval_files: dict = field(default_factory=lambda: {
@@ -41,8 +44,10 @@ class DataConfig:
 class VisionConfig:
     """A frozen image encoder. `name` is `tiny`/`small` (open_clip ViTs lgemma trains itself in
     stage 0), an open_clip model name such as `ViT-L-14-336`, or `dinov2:<hub id or folder>`.
-    `objective` is how stage 0 trains a tiny/small tower: `clip` (contrastive, on captions) or
-    `dino` (self-supervised on the images alone, DINOv2-style: the paper's other kind of tower)."""
+    `objective` is how stage 0 trains a tiny/small tower: `clip` (contrastive, on captions),
+    `dino` (self-supervised on the images alone, DINOv2-style: the paper's other kind of tower) or
+    `clip_where` (contrastive, plus every patch token trained to say which object covers it and where
+    that object is, from ShapesWorld's scene labels: `lgemma.unimodal.where_labels`)."""
     name: str = "tiny"
     pretrained: str = ""            # open_clip pretrained tag (e.g. "openai") or a weights file
     image_size: int = 64            # 8x8 patches of 8 px (48 px loses too much shape detail)
@@ -53,7 +58,8 @@ class VisionConfig:
     embed_dim: int = 128            # CLIP joint embedding size (stage 0 only)
     feature_layer: int = -2         # LLaVA: penultimate layer
     drop_cls: bool = True           # LLaVA: patch tokens only
-    objective: str = "clip"         # stage 0 of tiny/small: "clip" (captions) or "dino" (images only)
+    objective: str = "clip"         # stage 0 of tiny/small: "clip" (captions), "dino" (images only) or
+    #                                 "clip_where" (captions + each patch's object and that object's cell)
 
 
 @dataclass

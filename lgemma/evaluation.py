@@ -18,9 +18,14 @@ from tqdm.auto import tqdm
 
 from .data.collate import build_prompt, remove_image
 from .data.llava_json import turns
+from .data.shapes import final_answer
 from .language import END_TURN
 
 LONG_TYPES = {"describe"}
+# Answer tokens generated per question type: a caption, a spatial chain ("green circle 5 1, square 1 3,
+# so right": data.spatial_answer), a word.
+MAX_NEW_TOKENS = {"describe": 48, "spatial": 24}
+SHORT_MAX_NEW_TOKENS = 8
 
 
 def normalize(answer: str) -> str:
@@ -55,21 +60,22 @@ def predict(model, tokenizer, records: list[dict], image_source, blind: bool = F
             progress: bool = True, desc: str = "eval") -> list[str]:
     """Answers to the first question of each evaluation record. `image_source(record) -> tensor`
     for records with an `image`; text-only records (and every record when `blind`) get none.
-    A batch holds only records with an image or only records without, and long answers last."""
+    A batch holds only records with an image or only records without, and answers of one length
+    (`MAX_NEW_TOKENS`), the longest last."""
     model.eval()
     preds = [""] * len(records)
-    groups = defaultdict(list)  # (long answer?, with image?) -> record indices
+    groups = defaultdict(list)  # (answer tokens, with image?) -> record indices
     for i, r in enumerate(records):
-        groups[(r.get("question_type") in LONG_TYPES, "image" in r and not blind)].append(i)
+        groups[(MAX_NEW_TOKENS.get(r.get("question_type"), SHORT_MAX_NEW_TOKENS), "image" in r and not blind)].append(i)
     bar = tqdm(total=len(records), desc=desc, disable=not progress, leave=False)
-    for (long, seeing), members in sorted(groups.items()):
+    for (max_new, seeing), members in sorted(groups.items()):
         for start in range(0, len(members), batch_size):
             idx = members[start:start + batch_size]
             if seeing:
                 images = torch.stack([image_source(records[i]) for i in idx])
-                out = answer(model, tokenizer, [turns(records[i])[0][0] for i in idx], images, 48 if long else 8)
+                out = answer(model, tokenizer, [turns(records[i])[0][0] for i in idx], images, max_new)
             else:
-                out = answer(model, tokenizer, [blind_question(records[i]) for i in idx], None, 48 if long else 8)
+                out = answer(model, tokenizer, [blind_question(records[i]) for i in idx], None, max_new)
             for i, a in zip(idx, out):
                 preds[i] = a
             bar.update(len(idx))
@@ -114,7 +120,7 @@ def score(records: list[dict], preds: list[str]) -> dict:
     for r, p in zip(records, preds):
         truth = r["answer"] if "answer" in r else turns(r)[0][1]
         qtype = r.get("question_type", "all")
-        by_type[qtype].append(normalize(p) == normalize(truth))
+        by_type[qtype].append(normalize(final_answer(p)) == normalize(truth))  # a chain: its conclusion
         if qtype in LONG_TYPES:
             describe_f1.append(object_f1(p, truth))
         if r.get("pope"):

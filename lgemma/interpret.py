@@ -455,11 +455,12 @@ def spatial_breakdown(model, tokenizer, cfg, split: str = "heldout", source=None
     """`spatial_decisions` of the model's answers to the spatial questions of an evaluation split (the
     questions behind `metrics.json`'s spatial score). `source`: a `pipeline.ImageSource` (made here if None)."""
     import json
+    from .data.shapes import final_answer
     from .evaluation import normalize, predict
     from .pipeline import ImageSource, eval_records
     records = [r for r in eval_records(cfg)[split] if r["question_type"] == "spatial"]
     source = source or ImageSource(cfg, model.vision)
-    answers = [normalize(a) for a in predict(model, tokenizer, records, source, progress=False)]
+    answers = [normalize(final_answer(a)) for a in predict(model, tokenizer, records, source, progress=False)]
     scenes = json.loads((Path(cfg.data.root) / "scenes.json").read_text())
     n_objects = [len(scenes[Path(r["image"]).stem]) for r in records]
     return spatial_decisions(answers, [normalize(r["answer"]) for r in records], n_objects)

@@ -113,18 +113,19 @@ def ensure_data(cfg: Config, progress: bool = True) -> Path:
         return root
     marker = root / "summary.json"
     if marker.exists():
-        made = json.loads(marker.read_text()).get("locate_fraction", 0.0)
-        if made != cfg.data.locate_fraction:
-            raise ValueError(f"{root} was generated with data.locate_fraction={made}, but the config asks for "
-                             f"{cfg.data.locate_fraction}: set data.root to a new folder (e.g. --set data.root={root}-locate) "
-                             f"or delete {root}")
+        summary = json.loads(marker.read_text())
+        for key, default in (("locate_fraction", 0.0), ("spatial_turns", 0), ("spatial_answer", "word")):
+            made, asked = summary.get(key, default), getattr(cfg.data, key)
+            if made != asked:
+                raise ValueError(f"{root} was generated with data.{key}={made}, but the config asks for {asked}: "
+                                 f"set data.root to a new folder (e.g. --set data.root={root}-{key}) or delete {root}")
     else:
         from .data.shapes import generate
         d = cfg.data
         summary = generate(root, seed=d.seed, n_train=d.n_train, n_heldout=d.n_heldout,
                            n_compositional=d.n_compositional, image_size=d.image_size,
                            questions_per_image=d.questions_per_image, locate_fraction=d.locate_fraction,
-                           progress=progress)
+                           spatial_turns=d.spatial_turns, spatial_answer=d.spatial_answer, progress=progress)
         marker.write_text(json.dumps(summary, indent=2))
     return root
 
@@ -213,6 +214,8 @@ def stage0_dirs(cfg: Config) -> tuple[Path, Path]:
         vision = base / f"vision-{cfg.vision.name}-{_hash(data_key, vision_key, s0.clip_steps, s0.clip_batch_size, s0.clip_lr)}"
     if d.locate_fraction:  # `locate` turns change the LM's text, not the tower's images and captions
         data_key += (("locate", d.locate_fraction),)
+    if d.spatial_turns or d.spatial_answer != "word":  # so do the spatial turns
+        data_key += (("spatial", d.spatial_turns, d.spatial_answer),)
     lm = base / f"lm-{cfg.language.name}-{_hash(data_key, language_key, s0.lm_steps, s0.lm_batch_size, s0.lm_lr, d.max_length)}"
     return vision, lm
 

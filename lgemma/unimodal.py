@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .config import Config
 from .data.collate import build_sample, collate, remove_image
 from .data.llava_json import turns
+from .data.shapes import COLORS, GRID, SHAPES, Obj, cell
 from .language import tiny_gemma, train_tokenizer
 from .training import check_steps, quiet_lightning, stage0_precision
 from .vision import CLIP_CONTEXT_LENGTH, build_tiny_clip
@@ -39,22 +40,64 @@ def adamw_cosine(params, lr: float, steps: int, weight_decay: float) -> dict:
 
 
 class ClipModule(L.LightningModule):
-    """Contrastive image-caption training with open_clip's model and loss."""
+    """Contrastive image-caption training with open_clip's model and loss. With `where_layer` (the
+    tower's feature layer, 0-based) the batch also holds `where_labels` and four linear heads on that
+    layer's patch tokens learn them (the `clip_where` objective; the heads are not part of the tower)."""
 
-    def __init__(self, clip: open_clip.CLIP, lr: float, steps: int):
+    def __init__(self, clip: open_clip.CLIP, lr: float, steps: int, where_layer: int | None = None):
         super().__init__()
-        self.clip, self.lr, self.steps = clip, lr, steps
+        self.clip, self.lr, self.steps, self.where_layer = clip, lr, steps, where_layer
         self.loss = open_clip.ClipLoss()
+        if where_layer is not None:
+            width = clip.visual.transformer.width
+            self.where_heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in WHERE_CLASSES.items()})
 
     def training_step(self, batch, batch_idx):
-        images, texts = batch
-        img, txt, scale = self.clip(images, texts)
-        loss = self.loss(img, txt, scale)
+        if self.where_layer is None:
+            images, texts = batch
+            img, txt, scale = self.clip(images, texts)
+            loss = self.loss(img, txt, scale)
+        else:
+            images, texts, labels = batch  # labels [B, 4, N]
+            out = self.clip.forward_intermediates(image=images, text=texts, image_indices=[self.where_layer],
+                                                  image_output_fmt="NLC", output_logit_scale_bias=True)
+            loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
+            tokens = out["image_intermediates"][0]  # [B, N, W]: what the LLaVA connector will read
+            for i, (name, head) in enumerate(self.where_heads.items()):
+                part = torch.nn.functional.cross_entropy(head(tokens).flatten(0, 1).float(), labels[:, i].flatten())
+                self.log(f"where_{name}_loss", part)
+                loss = loss + part
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
     def configure_optimizers(self):
-        return adamw_cosine(self.clip.parameters(), self.lr, self.steps, weight_decay=0.1)
+        return adamw_cosine(self.parameters(), self.lr, self.steps, weight_decay=0.1)
+
+
+# `clip_where`: per patch, the covering object's column and row (lgemma.data.shapes.cell, GRID classes)
+# or background, and its color and shape or background (the last class of each).
+WHERE_CLASSES = {"column": GRID + 1, "row": GRID + 1, "color": len(COLORS) + 1, "shape": len(SHAPES) + 1}
+
+
+def where_labels(objects: list[dict], scene_size: int, grid: int) -> torch.Tensor:
+    """[4, grid*grid] class of each patch of a `grid` x `grid` tower for a scene (`scenes.json`'s object
+    dicts): the column and row of the cell of the object that covers the patch's centre (its box; the
+    later object where two overlap), its color and its shape; background patches get the last class.
+    The position is the *object's*, not the patch's: every patch of an object says where the object is,
+    the background says nothing, the kind of visual token whose position the LM learns to read
+    (README, Step 8: 'Which object, then where it is')."""
+    bg = [WHERE_CLASSES[k] - 1 for k in WHERE_CLASSES]
+    out = torch.tensor(bg)[:, None].repeat(1, grid * grid)
+    step = scene_size / grid
+    for o in objects:
+        col, row = cell(Obj(o["shape"], o["color"], o["size"], o["cx"], o["cy"], o["r"]), scene_size)
+        x0, y0, x1, y1 = o["cx"] - o["r"], o["cy"] - o["r"], o["cx"] + o["r"], o["cy"] + o["r"]
+        for gy in range(grid):
+            for gx in range(grid):
+                if x0 <= (gx + 0.5) * step <= x1 and y0 <= (gy + 0.5) * step <= y1:
+                    out[:, gy * grid + gx] = torch.tensor([col, row, list(COLORS).index(o["color"]),
+                                                           SHAPES.index(o["shape"])])
+    return out
 
 
 class TextLMModule(L.LightningModule):
@@ -91,19 +134,48 @@ def pretrain_vision(cfg: Config, records: list[dict], load_image, heldout: list[
     records, heldout = [r for r in records if "image" in r], [r for r in heldout if "image" in r]
     captions = [turns(r)[0][1] for r in records]
     images = torch.stack([load_image(r) for r in records]) if records else torch.zeros(0)
-    data = TensorDataset(images, tok(captions))
+    where = cfg.vision.objective == "clip_where"
+    tensors = (images, tok(captions))
+    if where:  # each patch's object and that object's cell, from the generator's scene table
+        scenes_file = Path(cfg.data.root) / "scenes.json"
+        if cfg.data.kind != "shapes" or not scenes_file.exists():
+            raise ValueError(f"vision.objective clip_where learns ShapesWorld's scene labels, but {scenes_file} does "
+                             f"not exist (data.kind={cfg.data.kind!r}): use vision.objective clip for other data")
+        scenes, grid = json.loads(scenes_file.read_text()), cfg.vision.image_size // cfg.vision.patch_size
+        tensors += (torch.stack([where_labels(scenes[Path(r["image"]).stem], cfg.data.image_size, grid)
+                                 for r in records]),)
+    data = TensorDataset(*tensors)
     clip = build_tiny_clip(cfg.vision)
     t0 = time.time()
     loader = DataLoader(data, batch_size=s0.clip_batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.train.stage0.seed))
     check_steps("stage 0 (contrastive CLIP on the caption records with an image)", s0.clip_steps, loader,
                 "Lower train.stage0.clip_batch_size to at most the number of captions, or add captions.")
-    _trainer(out, s0.clip_steps, gradient_clip_val=1.0, precision=stage0_precision(cfg)).fit(ClipModule(clip, s0.clip_lr, s0.clip_steps), loader)
-    info = {"seconds": round(time.time() - t0, 1), "steps": s0.clip_steps,
+    module = ClipModule(clip, s0.clip_lr, s0.clip_steps,
+                        where_layer=cfg.vision.feature_layer % cfg.vision.layers if where else None)
+    _trainer(out, s0.clip_steps, gradient_clip_val=1.0, precision=stage0_precision(cfg)).fit(module, loader)
+    info = {"seconds": round(time.time() - t0, 1), "steps": s0.clip_steps, "objective": cfg.vision.objective,
             "heldout_retrieval_top1": clip_retrieval(clip, tok, heldout, load_image)}
+    if where and heldout:  # how well the heads read the labels from held-out images, on the patches objects cover
+        info["where_heldout_accuracy"] = where_accuracy(module, [load_image(r) for r in heldout],
+                                                        [where_labels(scenes[Path(r["image"]).stem], cfg.data.image_size, grid)
+                                                         for r in heldout])
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(out / "clip.safetensors"))
     (out / "info.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+@torch.no_grad()
+def where_accuracy(module: ClipModule, images: list[torch.Tensor], labels: list[torch.Tensor]) -> dict:
+    """Share of the object-covered patches whose column, row, color and shape each `clip_where` head gets
+    right (background patches left out: they are most patches, and easy)."""
+    module.eval()
+    tokens = module.clip.visual.forward_intermediates(torch.stack(images), indices=[module.where_layer], stop_early=True,
+                                                      intermediates_only=True, output_fmt="NLC")["image_intermediates"][0]
+    labels = torch.stack(labels)                                       # [n, 4, N]
+    covered = labels[:, 0] < WHERE_CLASSES["column"] - 1
+    return {name: round((head(tokens).argmax(-1) == labels[:, i])[covered].float().mean().item(), 4)
+            for i, (name, head) in enumerate(module.where_heads.items())}
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ from .config import VisionConfig
 from .data.llava_json import expand_to_square
 
 TINY_TOWERS = ("tiny", "small")          # open_clip ViTs lgemma trains itself (stage 0)
-OBJECTIVES = ("clip", "dino")            # how: contrastive on captions, or self-supervised (unimodal.py)
+OBJECTIVES = ("clip", "dino", "clip_where")  # how: contrastive on captions, self-supervised, or contrastive +
+#                                             what and where each patch's object is (unimodal.py)
 CLIP_CONTEXT_LENGTH = 32                 # ShapesWorld captions are short
 
 

@@ -24,3 +24,14 @@ def test_score_splits_short_and_describe():
     s = score(recs, ["red", "green", "a small red circle.", "no"])
     assert s["overall_accuracy"] == round(1 / 3, 4) and s["per_type"]["describe"] == 1.0
     assert s["pope"]["random"]["accuracy"] == 0.0 and s["describe_object_f1"] == 1.0
+
+
+def test_a_chain_answer_is_scored_by_its_conclusion_and_gets_room_to_finish():
+    recs = [{"question_type": "spatial", "answer": "left"}, {"question_type": "spatial", "answer": "above"},
+            {"question_type": "spatial", "answer": "right"}]
+    s = score(recs, ["circle 1 3, square 4 6, so left", "circle 1 3, square 1 6, so below", "right"])
+    assert s["per_type"]["spatial"] == round(2 / 3, 4)
+    # predict() asks for enough tokens: the longest chain of the tiny tokenizer's words fits
+    from lgemma.evaluation import MAX_NEW_TOKENS, SHORT_MAX_NEW_TOKENS
+    longest = "large yellow triangle 7 7, large purple triangle 7 7, so below"  # every word a token or two
+    assert MAX_NEW_TOKENS["spatial"] >= len(longest.replace(",", " ,").split()) + 2 > SHORT_MAX_NEW_TOKENS

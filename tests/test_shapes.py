@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -383,3 +384,59 @@ def test_data_made_without_locate_turns_is_not_reused_for_a_config_that_asks_for
     assert stage0_dirs(cfg) == (vision, stage0_dirs(cfg)[1]) and stage0_dirs(cfg)[1] != lm  # same tower, new LM
     cfg.data.root = str(tmp_path / "sw-locate")
     assert json.loads((ensure_data(cfg, progress=False) / "summary.json").read_text())["locate_fraction"] == 0.5
+
+
+def test_spatial_chain_names_each_object_then_its_cell_then_the_relation():
+    two = make_scene(("large", "green", "circle", 44, 12), ("small", "red", "square", 12, 30))
+    assert S.spatial_chain(two, 0, 1, "right") == "circle 5 1, square 1 3, so right"
+    twins = make_scene(("large", "green", "circle", 44, 12), ("small", "red", "circle", 12, 30))
+    assert S.spatial_chain(twins, 1, 0, "left") == "red circle 1 3, green circle 5 1, so left"  # named as the question names them
+    assert S.final_answer("red circle 1 3, green circle 5 1, so left") == "left"
+    assert S.final_answer("left") == "left" and S.final_answer("a red circle, so to speak") == "a red circle, so to speak"
+
+
+def test_spatial_turns_put_that_many_chain_questions_in_each_conversation_and_leave_evaluation_alone(tmp_path):
+    off, on = tmp_path / "off", tmp_path / "on"
+    base = S.generate(off, seed=3, n_train=80, n_heldout=10, n_compositional=10, progress=False)
+    s = S.generate(on, seed=3, n_train=80, n_heldout=10, n_compositional=10, spatial_turns=2, spatial_answer="chain",
+                   progress=False)
+    assert s["spatial_turns"] == 2 and s["spatial_answer"] == "chain" and "spatial_turns" not in base
+    for name in ("instruct_heldout.json", "instruct_compositional.json", "captions.json", "scenes.json"):
+        assert (off / name).read_bytes() == (on / name).read_bytes()    # evaluation and stage 1 unchanged
+    scenes = json.loads((on / "scenes.json").read_text())
+    pattern = re.compile(r"(.+) (\d) (\d), (.+) (\d) (\d), so (left|right|above|below)")
+    for r, r0 in zip(json.loads((on / "instruct_train.json").read_text()), json.loads((off / "instruct_train.json").read_text())):
+        scene = make_scene(*[(o["size"], o["color"], o["shape"], o["cx"], o["cy"]) for o in scenes[r["id"]]])
+        conv, conv0 = r["conversations"], r0["conversations"]
+        pairs = lambda c: [(c[i]["value"].replace("<image>\n", ""), c[i + 1]["value"]) for i in range(0, len(c), 2)]
+        spatial = [(q, a) for q, a in pairs(conv) if pattern.fullmatch(a)]
+        assert [qa for qa in pairs(conv) if qa not in spatial] == \
+            [(q, a) for q, a in pairs(conv0) if a not in ("left", "right", "above", "below")]  # the others, in order
+        assert conv[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in conv[1:])
+        assert len(spatial) == min(2, len(S._spatial_pairs(scene)))
+        assert len({q for q, _ in spatial}) == len(spatial)
+        for q, a in spatial:
+            m = pattern.fullmatch(a)
+            ia = next(i for i, o in enumerate(scene.objects) if S.ref(scene, o) == m.group(1))
+            ib = next(i for i, o in enumerate(scene.objects) if S.ref(scene, o) == m.group(4))
+            assert (ia, ib, m.group(7)) in S._spatial_pairs(scene)
+            assert any(t.format(a=m.group(1), b=m.group(4)) == q for t in S.TEMPLATES["spatial"])
+            assert (int(m.group(2)), int(m.group(3))) == S.cell(scene.objects[ia], 64)
+    with pytest.raises(ValueError, match="spatial_answer must be 'word' or 'chain'"):
+        S.generate(tmp_path / "x", n_train=2, n_heldout=1, n_compositional=1, spatial_answer="cot", progress=False)
+
+
+def test_chain_answers_without_extra_turns_rewrite_only_the_drawn_spatial_answers(tmp_path):
+    off, on = tmp_path / "off", tmp_path / "on"
+    S.generate(off, seed=5, n_train=60, n_heldout=4, n_compositional=4, progress=False)
+    S.generate(on, seed=5, n_train=60, n_heldout=4, n_compositional=4, spatial_answer="chain", progress=False)
+    words = ("left", "right", "above", "below")
+    n = 0
+    for r, r0 in zip(json.loads((on / "instruct_train.json").read_text()), json.loads((off / "instruct_train.json").read_text())):
+        for t, t0 in zip(r["conversations"], r0["conversations"]):
+            if t0["value"] in words and t0["from"] == "gpt":
+                assert t["value"].endswith(f", so {t0['value']}") and S.final_answer(t["value"]) == t0["value"]
+                n += 1
+            else:
+                assert t == t0
+    assert n > 10

@@ -259,6 +259,26 @@ def locate(scene: Scene) -> str:
     return ", ".join(parts) + "."
 
 
+def spatial_chain(scene: Scene, a: int, b: int, relation: str) -> str:
+    """A spatial answer as a chain of one-hop steps: 'green circle 5 1, square 1 3, so right'.
+
+    Each named object (as the question names it) is followed at once by its cell, so each number is
+    a look-up by name in one step (find this object's visual tokens, read where it is); the relation
+    is then read off the two cells in text. A direct 'right' needs both look-ups and the comparison
+    inside one token's forward pass, which the tiny LM does not learn (README, Step 8). Grounded
+    chains of this kind are Shikra's (Chen et al. 2023, arXiv 2306.15195) at toy scale."""
+    oa, ob = scene.objects[a], scene.objects[b]
+    cells = [" ".join(map(str, cell(o, scene.image_size))) for o in (oa, ob)]
+    return f"{ref(scene, oa)} {cells[0]}, {ref(scene, ob)} {cells[1]}, so {relation}"
+
+
+def final_answer(text: str) -> str:
+    """The conclusion of a chain answer, one word after the last ', so ' ('..., so right' -> 'right');
+    any other answer unchanged."""
+    head, sep, tail = text.rpartition(", so ")
+    return tail if sep and len(tail.strip().split()) == 1 else text
+
+
 # Candidate referring expressions, shortest first. With the shape allowed we always
 # name it ("red circle", not "red object"); without it the noun is "object".
 _REF_WITH_SHAPE = (("shape",), ("color", "shape"), ("size", "shape"), ("size", "color", "shape"))
@@ -336,7 +356,7 @@ def make_questions(scene: Scene, rng: random.Random, popular: list[tuple[str, st
     """One question of each type that is possible for this scene (types in QUESTION_TYPES order).
 
     Each dict: type, question, answer, pope (POPE kind for exist questions, else None),
-    target (index of the object asked about, or None). `popular` ranks (color, shape)
+    target (index of the object asked about, or None; spatial questions also `other`, the second object). `popular` ranks (color, shape)
     pairs by training frequency; `avoid` lists pairs never to mention in exist
     questions (training passes HELDOUT_COMBOS so the model never hears them).
     """
@@ -372,7 +392,7 @@ def make_questions(scene: Scene, rng: random.Random, popular: list[tuple[str, st
     if pairs:
         a, b, answer = rng.choice(pairs)
         qs.append(_question("spatial", rng.choice(TEMPLATES["spatial"]), answer, a,
-                            a=ref(scene, objs[a]), b=ref(scene, objs[b])))
+                            a=ref(scene, objs[a]), b=ref(scene, objs[b])) | {"other": b})
 
     qs.append(_question("describe", rng.choice(TEMPLATES["describe"]), describe(scene), None))
     return qs
@@ -415,6 +435,19 @@ def _pick_train_questions(scene, rng, popular, k=4, p_describe=0.2, p_locate=0.0
     return qs
 
 
+def _with_spatial_turns(scene: Scene, qs: list[dict], rng: random.Random, n: int, chain: bool) -> list[dict]:
+    """`qs` with its spatial question (if drawn) replaced by up to `n` spatial questions about distinct
+    ordered object pairs, at random places; answered as chains (`spatial_chain`) when `chain`."""
+    qs = [q for q in qs if q["type"] != "spatial"]
+    pairs = _spatial_pairs(scene)
+    for a, b, relation in rng.sample(pairs, min(n, len(pairs))):
+        answer = spatial_chain(scene, a, b, relation) if chain else relation
+        q = _question("spatial", rng.choice(TEMPLATES["spatial"]), answer, a,
+                      a=ref(scene, scene.objects[a]), b=ref(scene, scene.objects[b]))
+        qs.insert(rng.randrange(len(qs) + 1), q)
+    return qs
+
+
 def _dump(obj, path: Path) -> None:
     # Fixed key order and indentation: the same data always gives the same bytes.
     with open(path, "w", encoding="utf-8") as f:
@@ -431,6 +464,8 @@ def generate(
     image_size: int = 64,
     questions_per_image: int = 4,
     locate_fraction: float = 0.0,
+    spatial_turns: int = 0,
+    spatial_answer: str = "word",
     progress: bool = True,
 ) -> dict:
     """Write a full ShapesWorld dataset to out_dir and return a summary dict.
@@ -440,7 +475,17 @@ def generate(
     check), instruct_train.json (stage 2, 665K format), instruct_heldout.json and
     instruct_compositional.json (one question per record), scenes.json, text_corpus.txt.
     The same seed always gives byte-identical files.
+
+    `spatial_turns` > 0: every training conversation whose scene has object pairs clearly apart
+    gets that many spatial questions (distinct ordered pairs) instead of the one it may have drawn;
+    `spatial_answer: chain` answers them as `spatial_chain` does (training only: evaluation records
+    keep the one-word relation, and `final_answer` reads a chain's conclusion). Both at their
+    defaults leave the files byte-identical to before they existed.
     """
+    if spatial_answer not in ("word", "chain"):
+        raise ValueError(f"spatial_answer must be 'word' or 'chain', got {spatial_answer!r}")
+    if spatial_turns < 0:
+        raise ValueError(f"spatial_turns must be 0 (the drawn question mix) or more, got {spatial_turns}")
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -475,6 +520,8 @@ def generate(
                "popular": [f"{c} {s}" for c, s in popular]}
     if locate_fraction:
         summary["locate_fraction"] = locate_fraction
+    if spatial_turns or spatial_answer != "word":
+        summary["spatial_turns"], summary["spatial_answer"] = spatial_turns, spatial_answer
 
     # Stage 1: one caption per train image, prompt before or after <image> like LLaVA's files.
     # (Held-out images get captions too, to measure the stage-0 tower's retrieval.)
@@ -497,10 +544,16 @@ def generate(
     # Stage 2: one multi-turn conversation per train image.
     instruct, counts = [], Counter()
     qrng = question_rngs["train"]
+    spatial_rng = random.Random(split_seeds["train"] + 1)  # its own stream: the other questions stay as they were
     for image_id, scene in scenes["train"]:
         conv = []
-        for j, q in enumerate(_pick_train_questions(scene, qrng, popular, k=questions_per_image,
-                                                         p_locate=locate_fraction)):
+        qs = _pick_train_questions(scene, qrng, popular, k=questions_per_image, p_locate=locate_fraction)
+        if spatial_turns:
+            qs = _with_spatial_turns(scene, qs, spatial_rng, spatial_turns, spatial_answer == "chain")
+        elif spatial_answer == "chain":
+            qs = [{**q, "answer": spatial_chain(scene, q["target"], q["other"], q["answer"])} if q["type"] == "spatial"
+                  else q for q in qs]
+        for j, q in enumerate(qs):
             conv.append({"from": "human", "value": ("<image>\n" if j == 0 else "") + q["question"]})
             conv.append({"from": "gpt", "value": q["answer"]})
             counts[q["type"]] += 1
