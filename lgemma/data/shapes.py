@@ -356,9 +356,10 @@ def make_questions(scene: Scene, rng: random.Random, popular: list[tuple[str, st
     """One question of each type that is possible for this scene (types in QUESTION_TYPES order).
 
     Each dict: type, question, answer, pope (POPE kind for exist questions, else None),
-    target (index of the object asked about, or None; spatial questions also `other`, the second object). `popular` ranks (color, shape)
-    pairs by training frequency; `avoid` lists pairs never to mention in exist
-    questions (training passes HELDOUT_COMBOS so the model never hears them).
+    target (index of the object asked about, or None; spatial questions also have `other`, the
+    second object). `popular` ranks (color, shape) pairs by training frequency; `avoid` lists
+    pairs never to mention in exist questions (training passes HELDOUT_COMBOS so the model never
+    hears them).
     """
     objs = scene.objects
     qs = []
