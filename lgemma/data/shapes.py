@@ -352,6 +352,12 @@ def _spatial_pairs(scene: Scene) -> list[tuple[int, int, str]]:
     return out
 
 
+def _spatial_question(scene: Scene, rng: random.Random, a: int, b: int, answer: str) -> dict:
+    """'Where is the <A> relative to the <B>?' (a random template), with `other` = b."""
+    return _question("spatial", rng.choice(TEMPLATES["spatial"]), answer, a,
+                     a=ref(scene, scene.objects[a]), b=ref(scene, scene.objects[b])) | {"other": b}
+
+
 def make_questions(scene: Scene, rng: random.Random, popular: list[tuple[str, str]], avoid=()) -> list[dict]:
     """One question of each type that is possible for this scene (types in QUESTION_TYPES order).
 
@@ -391,9 +397,7 @@ def make_questions(scene: Scene, rng: random.Random, popular: list[tuple[str, st
 
     pairs = _spatial_pairs(scene)
     if pairs:
-        a, b, answer = rng.choice(pairs)
-        qs.append(_question("spatial", rng.choice(TEMPLATES["spatial"]), answer, a,
-                            a=ref(scene, objs[a]), b=ref(scene, objs[b])) | {"other": b})
+        qs.append(_spatial_question(scene, rng, *rng.choice(pairs)))
 
     qs.append(_question("describe", rng.choice(TEMPLATES["describe"]), describe(scene), None))
     return qs
@@ -442,9 +446,7 @@ def _with_spatial_turns(scene: Scene, qs: list[dict], rng: random.Random, n: int
     qs = [q for q in qs if q["type"] != "spatial"]
     pairs = _spatial_pairs(scene)
     for a, b, relation in rng.sample(pairs, min(n, len(pairs))):
-        answer = spatial_chain(scene, a, b, relation) if chain else relation
-        q = _question("spatial", rng.choice(TEMPLATES["spatial"]), answer, a,
-                      a=ref(scene, scene.objects[a]), b=ref(scene, scene.objects[b]))
+        q = _spatial_question(scene, rng, a, b, spatial_chain(scene, a, b, relation) if chain else relation)
         qs.insert(rng.randrange(len(qs) + 1), q)
     return qs
 
