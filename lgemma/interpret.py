@@ -667,7 +667,8 @@ def experiment_runs(path=STEP8_RUNS) -> "pd.DataFrame":
     (`locate cell, 2 objects`: the cell on images of two objects); for runs trained to answer spatial questions
     with both objects' cells first ("circle 1 3, square 4 6, so left"), their own-format scores: `spatial, chain`
     (the word after ", so "; the `spatial` column is lgemma's exact match of the whole answer), `chain, both
-    cells right` and `chain, relation follows own cells`."""
+    cells right` and `chain, relation follows own cells`; for runs on a `clip_where` tower, its heads' held-out
+    scores (`tower column`, `tower row`, `tower color`, `tower shape`) and its `tower stage-0 steps`."""
     import json
 
     import pandas as pd
@@ -684,5 +685,6 @@ def experiment_runs(path=STEP8_RUNS) -> "pd.DataFrame":
                 row[f"locate {key}"] = value
         chain = run.get("spatial_chain", {})  # code/score_cot.py's scores
         row.update({column: chain[key] for key, column in CHAIN_COLUMNS.items() if key in chain})
+        row.update({f"tower {key}": value for key, value in run.get("tower", {}).items()})  # clip_where towers
         rows.append(row)
     return pd.DataFrame(rows).set_index("run")

@@ -299,10 +299,12 @@ def test_experiment_runs_reads_the_committed_step8_runs(tmp_path):
     line = {"name": "x", "heldout": 0.5, "blind": 0.25, "comp": 0.4, "per_type": {"spatial": 0.3},
             "unseen_detail": {"color_unseen": "0.012 (n=85)", "shape_seen": "1.000 (n=37)"},
             "locate_heldout": {"cell": 0.4, "cell, 2 objects": 0.43, "objects": 588},
-            "spatial_chain": {"spatial": 0.6, "both_cells_right": 0.2, "relation_follows_own_cells": 0.9, "n": 90}}
+            "spatial_chain": {"spatial": 0.6, "both_cells_right": 0.2, "relation_follows_own_cells": 0.9, "n": 90},
+            "tower": {"column": 0.92, "stage-0 steps": 1500}}
     (tmp_path / "runs.jsonl").write_text(json.dumps(line) + "\n")
     one = I.experiment_runs(tmp_path / "runs.jsonl").loc["x"]
     assert one["color, unseen pairs"] == 0.012 and one["shape, seen pairs"] == 1.0 and one["spatial"] == 0.3
     assert one["locate cell"] == 0.4 and one["locate cell, 2 objects"] == 0.43 and "locate objects" not in one
     assert one["spatial, chain"] == 0.6 and one["chain, both cells right"] == 0.2 and one["spatial"] == 0.3
     assert one["chain, relation follows own cells"] == 0.9 and "chain, n" not in one
+    assert one["tower column"] == 0.92 and one["tower stage-0 steps"] == 1500
