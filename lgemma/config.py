@@ -100,6 +100,8 @@ class StageConfig:
     grad_clip: float = 1.0
     lm_train: str = "full"          # when lm_lr > 0: "full" (every LM weight) or "lora" (low-rank adapters)
     lora_rank: int = 16
+    debias: str = "none"            # stage 2: "question_prior" trains in product with the question-only prior (debias.py)
+    debias_weight: float = 1.0      # the prior's exponent in that product (0: no debiasing; 1: the full prior)
 
 
 @dataclass

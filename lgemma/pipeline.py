@@ -322,7 +322,11 @@ def train_variant(cfg: Config, progress: bool = True, evaluate: bool = True, tra
         ds = LlavaDataset(cap, tokenizer, n, source, cfg.data.max_length, "captions")
         info = train_stage(model, "align", cfg.train.align, ds, run / "align", **stage_kwargs)
         seconds["align"] = info["seconds"]
-    ds = LlavaDataset(ins, tokenizer, n, source, cfg.data.max_length, "instruct")
+    prior = None
+    if cfg.train.instruct.debias == "question_prior":
+        from .debias import QuestionPrior
+        prior = QuestionPrior(ins, tokenizer)
+    ds = LlavaDataset(ins, tokenizer, n, source, cfg.data.max_length, "instruct", prior=prior)
     if cfg.train.curve_points and global_rank() == 0:
         curve = BudgetCurve(cfg, tokenizer, source, run / "instruct" / "curve.json")
         stage_kwargs["callbacks"] = [*stage_kwargs["callbacks"], curve]

@@ -27,6 +27,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .config import StageConfig, TrainConfig
 from .data.collate import LlavaDataset, collate
+from .debias import product_loss
 from .model import LlavaGemma
 
 STAGES = ("align", "instruct")
@@ -46,6 +47,12 @@ def set_trainable(model: LlavaGemma, stage: str, cfg: StageConfig) -> None:
     either every weight (`lm_train: full`) or only its LoRA adapters (`lm_train: lora`)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; use one of {STAGES}")
+    if cfg.debias not in ("none", "question_prior"):
+        raise ValueError(f"unknown debias {cfg.debias!r}; use 'none' or 'question_prior'")
+    if cfg.debias != "none" and stage != "instruct":
+        raise ValueError(f"debias={cfg.debias!r} is for stage 2 (train.instruct), not train.{stage}")
+    if cfg.debias_weight < 0:
+        raise ValueError(f"debias_weight must be 0 or more (the prior's exponent), got {cfg.debias_weight}")
     if cfg.lm_train not in ("full", "lora"):
         raise ValueError(f"unknown lm_train {cfg.lm_train!r}; use 'full' or 'lora'")
     model.vision.requires_grad_(False)
@@ -75,7 +82,9 @@ class LlavaModule(L.LightningModule):
         self.strict_loading = False  # our checkpoints hold only the trained weights
 
     def _shared_step(self, batch: dict, mode: str) -> torch.Tensor:
-        loss, _ = self.model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("images"))
+        loss, logits = self.model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("images"))
+        if "prior_pos" in batch:  # stage 2 with train.instruct.debias=question_prior
+            loss = product_loss(logits, batch["labels"], batch, self.cfg.debias_weight)
         self.log(f"{mode}_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 

@@ -113,8 +113,8 @@ class LlavaDataset(Dataset):
     """
 
     def __init__(self, records: list[dict], tokenizer, num_image_tokens: int, image_source,
-                 max_length: int | None = None, where: str = "dataset"):
-        self.records, self.tokenizer = records, tokenizer
+                 max_length: int | None = None, where: str = "dataset", prior=None):
+        self.records, self.tokenizer, self.prior = records, tokenizer, prior  # prior: lgemma.debias.QuestionPrior
         self.num_image_tokens, self.image_source = num_image_tokens, image_source
         self.max_length, self.where = max_length, where
         self.truncated: dict[int, int] = {}  # record index -> tokens cut
@@ -137,6 +137,8 @@ class LlavaDataset(Dataset):
             self._tokens[i] = (torch.tensor(s.input_ids), torch.tensor(s.labels))
         input_ids, labels = self._tokens[i]
         item = {"input_ids": input_ids, "labels": labels}
+        if self.prior is not None:
+            item["prior"] = self.prior.sample_bias(rec, labels)
         if has_image:
             item["image"] = self.image_source(rec)
         return item
@@ -155,4 +157,7 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     images = [b["image"] for b in batch if "image" in b]
     if images:
         out["images"] = torch.stack(images)
+    if "prior" in batch[0]:  # training against the question-only prior (lgemma.debias)
+        from ..debias import collate_bias
+        out.update(collate_bias(batch))
     return out
