@@ -651,6 +651,35 @@ def unseen_pair_targets(cfg, records: list[dict]) -> list[bool | None]:
     return out
 
 
+def pair_answers(model, tokenizer, cfg, splits=("heldout", "compositional"), source=None) -> "pd.DataFrame":
+    """The color and shape questions of `splits`, answered: one row per question with its split, type,
+    question (lower case), `object` ("unseen pair" or "seen pair": the object asked about), the answer, the prediction, `correct`,
+    and `never_seen`: whether the *predicted* attribute makes, with the attribute the question names ("what
+    color is the **triangle**?"), a color-shape pair never seen in training. A model that learned the
+    question's prior never answers so on any image; one trained against that prior (`debias`) may answer so
+    on images where the pair is not there, the price of the fix. `source`: a `pipeline.ImageSource` (made here
+    if None)."""
+    import pandas as pd
+
+    from .data.shapes import COLORS, HELDOUT_COMBOS, SHAPES
+    from .evaluation import normalize, predict
+    from .pipeline import ImageSource, eval_records
+    source = source or ImageSource(cfg, model.vision)
+    rows = []
+    for split in splits:
+        records = [r for r in eval_records(cfg)[split] if r["question_type"] in ("color", "shape")]
+        asks = unseen_pair_targets(cfg, records)
+        for r, asked, p in zip(records, asks, predict(model, tokenizer, records, source, progress=False)):
+            qtype, words = r["question_type"], remove_image(r["conversations"][0]["value"]).lower().rstrip("?").split()
+            named = next((w for w in (SHAPES if qtype == "color" else COLORS) if w in words), None)
+            pair = (normalize(p), named) if qtype == "color" else (named, normalize(p))
+            rows.append({"split": split, "type": qtype, "question": " ".join(words) + "?",
+                         "object": "unseen pair" if asked else "seen pair",
+                         "answer": r["answer"], "predicted": p, "correct": normalize(p) == normalize(r["answer"]),
+                         "never_seen": named is not None and pair in HELDOUT_COMBOS})
+    return pd.DataFrame(rows)
+
+
 STEP8_RUNS = Path(__file__).resolve().parent.parent / "results" / "step8" / "runs.jsonl"
 
 
@@ -662,24 +691,31 @@ def experiment_runs(path=STEP8_RUNS) -> "pd.DataFrame":
     """The committed runs of the Step-8 experiments (`results/step8/`: made with experiment code that is
     not part of lgemma, kept there with its patch and scripts), one row per run: held-out, blind and
     compositional accuracy, accuracy per question type, and color / shape accuracy on the compositional
-    split's never-seen pairs and on its seen pairs; for runs trained with `data.locate_fraction`, how often
+    split's never-seen pairs and on its seen pairs; for runs recorded with `pair_answers`, the share of held-out
+    color / shape questions answered with a never-seen pair (`color, never-seen answers`); for runs trained with `data.locate_fraction`, how often
     their answer to "Where is each object?" names each held-out object with its right column, row and cell
     (`locate cell, 2 objects`: the cell on images of two objects); for runs trained to answer spatial questions
     with both objects' cells first ("circle 1 3, square 4 6, so left"), their own-format scores: `spatial, chain`
     (the word after ", so "; the `spatial` column is lgemma's exact match of the whole answer), `chain, both
     cells right` and `chain, relation follows own cells`; for runs on a `clip_where` tower, its heads' held-out
-    scores (`tower column`, `tower row`, `tower color`, `tower shape`) and its `tower stage-0 steps`."""
+    scores (`tower column`, `tower row`, `tower color`, `tower shape`) and its `tower stage-0 steps`; and
+    `debias weight`: the question prior's weight in stage 2 (`train.instruct.debias_weight`; 0 without `debias`)."""
     import json
 
     import pandas as pd
     rows = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         run = json.loads(line)
+        sets = dict(x.split("=", 1) for x in run.get("sets", []) if "=" in x)
+        debiased = sets.get("train.instruct.debias", "none") != "none"
         row = {"run": run["name"], "held-out": run["heldout"], "blind": run["blind"], "compositional": run["comp"],
-               **run["per_type"]}
+               **run["per_type"],
+               "debias weight": float(sets.get("train.instruct.debias_weight", 1.0)) if debiased else 0.0}
         for key, value in run.get("unseen_detail", {}).items():  # "0.012 (n=85)"
             attribute, which = key.split("_")
             row[f"{attribute}, {which} pairs"] = float(value.split()[0])
+        for key, value in run.get("never_seen_heldout", {}).items():  # runs recorded with `pair_answers`
+            row[f"{key}, never-seen answers"] = float(value.split()[0])
         for key, value in run.get("locate_heldout", {}).items():  # runs trained with `locate` turns
             if key != "objects":
                 row[f"locate {key}"] = value

@@ -300,11 +300,46 @@ def test_experiment_runs_reads_the_committed_step8_runs(tmp_path):
             "unseen_detail": {"color_unseen": "0.012 (n=85)", "shape_seen": "1.000 (n=37)"},
             "locate_heldout": {"cell": 0.4, "cell, 2 objects": 0.43, "objects": 588},
             "spatial_chain": {"spatial": 0.6, "both_cells_right": 0.2, "relation_follows_own_cells": 0.9, "n": 90},
-            "tower": {"column": 0.92, "stage-0 steps": 1500}}
-    (tmp_path / "runs.jsonl").write_text(json.dumps(line) + "\n")
+            "tower": {"column": 0.92, "stage-0 steps": 1500},
+            "never_seen_heldout": {"color": "0.098 (n=183)"},
+            "sets": ["name=x", "train.instruct.debias=question_prior", "train.instruct.debias_weight=0.5"]}
+    plain = {**line, "name": "y", "sets": ["train.instruct.debias_weight=0.5"]}  # a weight without debias: none
+    (tmp_path / "runs.jsonl").write_text(json.dumps(line) + "\n" + json.dumps(plain) + "\n")
     one = I.experiment_runs(tmp_path / "runs.jsonl").loc["x"]
     assert one["color, unseen pairs"] == 0.012 and one["shape, seen pairs"] == 1.0 and one["spatial"] == 0.3
     assert one["locate cell"] == 0.4 and one["locate cell, 2 objects"] == 0.43 and "locate objects" not in one
     assert one["spatial, chain"] == 0.6 and one["chain, both cells right"] == 0.2 and one["spatial"] == 0.3
     assert one["chain, relation follows own cells"] == 0.9 and "chain, n" not in one
     assert one["tower column"] == 0.92 and one["tower stage-0 steps"] == 1500
+    assert one["color, never-seen answers"] == 0.098 and one["debias weight"] == 0.5
+    assert I.experiment_runs(tmp_path / "runs.jsonl").loc["y", "debias weight"] == 0.0
+    assert {"poe-base", "poe-w1"} <= set(runs.index)  # notebook 06's section 6
+    assert runs.loc["poe-base", "debias weight"] == 0 and runs.loc["poe-w1", "debias weight"] == 1
+
+
+def test_pair_answers_flag_answers_that_make_a_never_seen_pair(world, tiny_model, monkeypatch):
+    """pair_answers: every color / shape question of both splits once, scored, and `never_seen` set exactly
+    when the predicted attribute and the one the question names form a HELDOUT_COMBOS pair."""
+    import lgemma.evaluation
+    from lgemma.data.shapes import HELDOUT_COMBOS
+    from lgemma.pipeline import records
+    from tests.conftest import tiny_cfg
+    model, tok = tiny_model
+    cfg = tiny_cfg()
+    cfg.data.root = str(world)
+    color, shape = HELDOUT_COMBOS[0]
+    # a model that always answers the never-seen partner of the named shape (color questions) or color (shape)
+    def fake_predict(model_, tok_, recs, source, progress=True):
+        return [color if r["question_type"] == "color" else shape for r in recs]
+    monkeypatch.setattr(lgemma.evaluation, "predict", fake_predict)
+    a = I.pair_answers(model, tok, cfg)
+    want = sum(r["question_type"] in ("color", "shape") for split in ("heldout", "compositional")
+               for r in records(cfg, split))
+    assert len(a) == want > 0 and set(a.split) == {"heldout", "compositional"}
+    for _, row in a.iterrows():
+        assert row["correct"] == (row["answer"] == row["predicted"])
+        words = row["question"].rstrip("?").split()
+        pairs = {(row["predicted"], w) for w in words} if row["type"] == "color" else {(w, row["predicted"]) for w in words}
+        assert row["never_seen"] == bool(pairs & set(HELDOUT_COMBOS)), row.to_dict()
+    assert a.never_seen.any() and not a.never_seen.all()
+    assert (a[a.split == "heldout"].object == "seen pair").all() and (a.object == "unseen pair").any()
