@@ -6,10 +6,13 @@ question alone, and then answers a red triangle (an unseen pair) with "circle" o
 PoE (Clark et al. 2019, "Don't Take the Easy Way Out"; He et al. 2019) trains the model *in
 product* with a fixed question-only expert: the loss is the cross-entropy of
 
-    softmax(model logits + log prior(answer | question) - log prior(answer | question type))
+    softmax(model logits + w * (log prior(answer | question) - log prior(answer | question type)))
 
-at each answer's first token, so what the question alone predicts is already paid for and the
-model has no reason to learn it. At test time the model answers alone.
+at each answer's first token (w: `train.instruct.debias_weight`, 1 by default), so what the question
+alone predicts is already paid for and the model has no reason to learn it. At test time the model
+answers alone. The known price: the expert rules out the answers a question never had, so nothing
+pushes the model's own logits for them down, and alone it sometimes gives them where they are wrong
+(`interpret.pair_answers` counts it; notebook 06, section 6).
 
 The prior is counted, not learned: for each training question string, how often each first
 answer token followed it, smoothed toward its question type's answer frequencies (Dirichlet,
