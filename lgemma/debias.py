@@ -29,9 +29,10 @@ from collections import Counter, defaultdict
 import torch
 import torch.nn.functional as F
 
-from .data.collate import IGNORE_INDEX, encode_text
+from .data.collate import IGNORE_INDEX, encode_text, remove_image
 from .data.llava_json import turns
 from .data.shapes import TEMPLATES, template_regex
+from .language import IMAGE_TOKEN
 
 _TYPE_PATTERNS = [(qtype, template_regex(t)) for qtype, ts in TEMPLATES.items() for t in ts]
 
@@ -43,32 +44,28 @@ def shapesworld_type(question: str) -> str | None:
 
 
 def _question(human: str) -> str:
-    return "\n".join(p for p in human.replace("<image>", "").split("\n") if p.strip()).strip()
+    """The question of a human turn, without the `<image>` placeholder of a conversation's first turn."""
+    return (remove_image(human) if IMAGE_TOKEN in human else human).strip()
 
 
 class QuestionPrior:
     """The question-only expert: first-answer-token counts per question and per question type."""
 
     def __init__(self, records: list[dict], tokenizer, type_of=shapesworld_type, alpha: float = 1.0):
-        self.tokenizer, self.type_of, self.alpha = tokenizer, type_of, alpha
+        self.type_of, self.alpha = type_of, alpha
         self.by_question: dict[str, Counter] = defaultdict(Counter)
         self.by_type: dict[str, Counter] = defaultdict(Counter)
-        untyped = 0
         for rec in records:
             for human, gpt in turns(rec):
                 q, ids = _question(human), encode_text(tokenizer, gpt)
                 qtype = type_of(q)
-                if qtype is None:
-                    untyped += 1
-                    continue
-                if ids:
+                if qtype is not None and ids:
                     self.by_question[q][ids[0]] += 1
                     self.by_type[qtype][ids[0]] += 1
         if not self.by_type:
             raise ValueError("train.instruct.debias=question_prior: no training question matched a known question "
                              "type (it needs ShapesWorld's templates, lgemma.data.shapes.TEMPLATES); "
                              "set train.instruct.debias=none for other data")
-        self.untyped = untyped
         self._cache: dict[str, tuple[list[int], list[float]]] = {}
 
     def bias(self, question: str) -> tuple[list[int], list[float]]:
